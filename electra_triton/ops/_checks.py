@@ -1,0 +1,41 @@
+"""Argument checks shared by the ops: each raises TypeError or ValueError naming the argument and what was expected."""
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_float(name: str, value: object) -> torch.Tensor:
+    tensor = check_tensor(name, value)
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {tensor.dtype}")
+    return tensor
+
+
+def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(tensor.shape)}")
+
+
+def check_like(
+    name: str, tensor: torch.Tensor, reference_name: str, reference: torch.Tensor, dtype: bool = True
+) -> None:
+    """Same device (and by default same dtype) as `reference`."""
+    if tensor.device != reference.device:
+        raise ValueError(f"{name} is on {tensor.device} but {reference_name} is on {reference.device}")
+    if dtype and tensor.dtype != reference.dtype:
+        raise TypeError(f"{name} has dtype {tensor.dtype} but {reference_name} has {reference.dtype}")
+
+
+def check_dropout_p(dropout_p: object) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)

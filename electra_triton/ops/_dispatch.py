@@ -1,0 +1,70 @@
+"""Where an op runs: the Triton kernel (compiled on CUDA, interpreted on CPU) or the PyTorch reference.
+
+- CUDA tensors: always the kernel. Never a silent fallback.
+- CPU tensors with TRITON_INTERPRET=1 set before import: the kernel, in Triton's interpreter (triton reads the
+  variable when a kernel is decorated, so it must be set before electra_triton is imported).
+- CPU tensors otherwise: the PyTorch reference, announced once per op through `logging`.
+
+`set_kernel_mode("reference")` forces the references everywhere (the pre-training command's `--kernels reference`);
+`"triton"` refuses to fall back on CPU.
+"""
+
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("electra_triton")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+KERNEL_MODES = ("auto", "triton", "reference")
+
+_kernel_mode = "auto"
+_announced: set[str] = set()
+
+
+def set_kernel_mode(mode: str) -> None:
+    """Choose between the Triton kernels and the PyTorch references: "auto", "triton" or "reference"."""
+    global _kernel_mode
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernel mode must be one of {KERNEL_MODES}, got {mode!r}")
+    _kernel_mode = mode
+
+
+def get_kernel_mode() -> str:
+    return _kernel_mode
+
+
+def _announce(op: str, where: str) -> None:
+    if op not in _announced:
+        _announced.add(op)
+        logger.info("electra_triton.ops.%s runs %s", op, where)
+
+
+def use_kernel(op: str, device: torch.device) -> bool:
+    """True to launch the Triton kernel for `op` on `device`, False to run its PyTorch reference."""
+    if _kernel_mode == "reference":
+        _announce(op, "the PyTorch reference (kernel mode 'reference')")
+        return False
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu" and INTERPRET:
+        _announce(op, "in the Triton interpreter on CPU")
+        return True
+    if _kernel_mode == "triton":
+        raise RuntimeError(
+            f"electra_triton.ops.{op}: kernel mode 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+            f"import for CPU tensors; got a tensor on {device}"
+        )
+    _announce(op, f"the PyTorch reference on {device.type} (no GPU; set TRITON_INTERPRET=1 to run the kernel)")
+    return False
+
+
+def philox_seed_offset() -> tuple[int, int]:
+    """A (seed, offset) pair for a kernel's counter-based RNG, drawn from torch's default CPU generator.
+
+    Drawing on the host costs no device synchronisation, `torch.manual_seed` reproduces the sequence, and two calls
+    in a row get different pairs.
+    """
+    seed, offset = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64).tolist()
+    return seed, offset
