@@ -1,0 +1,116 @@
+"""mlm_loss: masked-LM cross-entropy fused with its vocabulary projection (kernels/mlm_loss.py), reference, checks."""
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import mlm_loss as kernel
+from ._checks import check_float, check_like, check_shape, check_tensor
+from ._dispatch import use_kernel
+
+
+def mlm_loss_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    ignore_index: int = -100, return_logits: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch mlm_loss in fp32 (the CPU fallback, and what the kernel is tested against)."""
+    logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    flat_labels = labels.reshape(-1).long()
+    per_token = F.cross_entropy(
+        logits.reshape(-1, weight.shape[0]), flat_labels, ignore_index=ignore_index, reduction="none"
+    )
+    loss = per_token.sum() / (flat_labels != ignore_index).sum().clamp_min(1)
+    return (loss, logits.to(hidden.dtype)) if return_logits else loss
+
+
+@torch.library.custom_op("electra_triton::mlm_loss_forward", mutates_args=())
+def _forward(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, ignore_index: int,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    active = (labels != ignore_index).nonzero().squeeze(1)  # (R,): the one host synchronisation
+    targets = labels[active]
+    if targets.numel() and bool(((targets < 0) | (targets >= weight.shape[0])).any()):
+        raise ValueError(f"labels must be in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}")
+    loss, grad_active, grad_weight, grad_bias = kernel.mlm_loss_forward(
+        hidden[active], weight, bias, targets, active.numel(), compute_grad
+    )
+    if not compute_grad:  # three distinct tensors: custom op outputs may not alias each other
+        return loss, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
+    grad_hidden = torch.zeros_like(hidden).index_copy_(0, active, grad_active)
+    grad_bias = grad_bias.to(weight.dtype) if grad_bias is not None else hidden.new_empty(0)
+    return loss, grad_hidden, grad_weight.to(weight.dtype), grad_bias
+
+
+@_forward.register_fake
+def _(hidden, weight, bias, labels, ignore_index, compute_grad):
+    loss = hidden.new_empty((), dtype=torch.float32)
+    if not compute_grad:  # three distinct tensors: custom op outputs may not alias each other
+        return loss, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
+    grad_bias = torch.empty_like(bias) if bias is not None else hidden.new_empty(0)
+    return loss, torch.empty_like(hidden), torch.empty_like(weight), grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad_hidden, grad_weight, grad_bias = output
+    ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+    ctx.has_bias = inputs[2] is not None
+
+
+def _autograd_backward(ctx, grad_loss, *_):
+    # The forward already computed the gradients of the loss; the chain rule only scales them.
+    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+    return (
+        grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype),
+        grad_bias * grad_loss.to(grad_bias.dtype) if ctx.has_bias else None, None, None, None,
+    )
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def mlm_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    ignore_index: int = -100, return_logits: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Masked-LM loss of a vocabulary projection, fused: never materialises the (tokens x vocab) logits.
+
+    Equals `F.cross_entropy(F.linear(hidden, weight, bias).view(-1, V), labels.view(-1), ignore_index=ignore_index)`,
+    as ElectraForMaskedLM computes it through `generator_lm_head`, except that a batch with no label other than
+    `ignore_index` gives loss 0 and zero gradients instead of NaN. Only the rows whose label is not `ignore_index` are
+    projected, in chunks (see kernels/mlm_loss.py); the gradients of hidden, weight and bias are computed during the
+    forward when any of them requires grad, and backward only scales them.
+
+    hidden (..., E) float; weight (V, E) and bias (V,) or None of hidden's dtype; labels of shape hidden.shape[:-1],
+    integer, each in [0, V) or equal to `ignore_index`. Returns the fp32 scalar loss. With `return_logits=True` also
+    the full logits (..., V) in hidden's dtype, computed by a plain F.linear beside the fused loss (this costs the
+    memory the fused loss avoids: use it for evaluation, not for training steps).
+    """
+    hidden = check_float("hidden", hidden)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape (..., E)")
+    check_like("weight", check_float("weight", weight), "hidden", hidden)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}), got {tuple(weight.shape)}")
+    if bias is not None:
+        check_like("bias", check_float("bias", bias), "hidden", hidden)
+        check_shape("bias", bias, (weight.shape[0],))
+    labels = check_tensor("labels", labels)
+    check_shape("labels", labels, hidden.shape[:-1])
+    check_like("labels", labels, "hidden", hidden, dtype=False)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(return_logits, bool):
+        raise TypeError(f"return_logits must be a bool, got {type(return_logits).__name__}")
+
+    if not use_kernel("mlm_loss", hidden.device):
+        return mlm_loss_reference(hidden, weight, bias, labels, ignore_index, return_logits)
+
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    loss = _forward(
+        hidden.reshape(-1, hidden.shape[-1]), weight.contiguous(), bias, labels.reshape(-1), ignore_index, needs_grad
+    )[0]
+    if return_logits:
+        return loss, F.linear(hidden, weight, bias)
+    return loss
