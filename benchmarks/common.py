@@ -114,6 +114,30 @@ def forward_backward(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> 
     out.backward(torch.ones_like(out))
 
 
+OURS = "electra_triton"  # impl names starting with this are ours (e.g. "electra_triton-varlen"); others alternatives
+
+
+def add_speedups(rows: list[dict]) -> list[dict]:
+    """Give each of our rows `speedup` = best alternative's median / ours and `vs` = that alternative.
+
+    Rows are compared within one (op, case, dtype, pass); rows without a time (an alternative that refused the case)
+    are ignored. Returns the rows, updated in place.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row.get("ms") is not None:
+            groups.setdefault((row.get("op"), row.get("case"), row.get("dtype"), row.get("pass")), []).append(row)
+    for group in groups.values():
+        alternatives = [r for r in group if not str(r.get("impl")).startswith(OURS)]
+        if not alternatives:
+            continue
+        best = min(alternatives, key=lambda r: r["ms"])
+        for row in group:
+            if str(row.get("impl")).startswith(OURS):
+                row["speedup"], row["vs"] = best["ms"] / row["ms"], best["impl"]
+    return rows
+
+
 def markdown_table(rows: list[dict], columns: Sequence[str]) -> str:
     def cell(value: Any) -> str:
         return f"{value:.3g}" if isinstance(value, float) else "" if value is None else str(value)
