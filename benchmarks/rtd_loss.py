@@ -24,7 +24,7 @@ def run(bench: Bench) -> list[dict]:
     shapes = [(2, 16, 64)] if bench.toy else [(32, 512, 768), (32, 512, 1024)]
     rows = []
     for (batch, seq_len, hidden_size), dtype in [(s, d) for s in shapes for d in bench.dtypes]:
-        def make_inputs():
+        def make_inputs(batch=batch, seq_len=seq_len, hidden_size=hidden_size, dtype=dtype):
             hidden = torch.randn(batch, seq_len, hidden_size, device=bench.device, dtype=dtype, requires_grad=True)
             weight = (torch.randn(1, hidden_size, device=bench.device, dtype=dtype) * 0.02).requires_grad_()
             bias = torch.zeros(1, device=bench.device, dtype=dtype, requires_grad=True)

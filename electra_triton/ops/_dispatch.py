@@ -20,7 +20,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 KERNEL_MODES = ("auto", "triton", "reference")
 
 _kernel_mode = "auto"
-_announced: set[str] = set()
+_announced: set[tuple[str, str]] = set()
 
 
 def set_kernel_mode(mode: str) -> None:
@@ -36,8 +36,8 @@ def get_kernel_mode() -> str:
 
 
 def _announce(op: str, where: str) -> None:
-    if op not in _announced:
-        _announced.add(op)
+    if (op, where) not in _announced:
+        _announced.add((op, where))
         logger.info("electra_triton.ops.%s runs %s", op, where)
 
 
