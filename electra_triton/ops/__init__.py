@@ -1,7 +1,19 @@
 """Differentiable fused ops: argument checks, autograd (registered with torch.library), and PyTorch references."""
 
 from ._dispatch import get_kernel_mode, set_kernel_mode
+from .attention import (
+    attention,
+    attention_reference,
+    attention_varlen,
+    attention_varlen_reference,
+    attention_with_dropout_mask,
+    pad_input,
+    unpad_input,
+)
 from .mlm_loss import mlm_loss, mlm_loss_reference
 from .rtd_loss import rtd_loss, rtd_loss_reference
 
-__all__ = ["get_kernel_mode", "mlm_loss", "mlm_loss_reference", "rtd_loss", "rtd_loss_reference", "set_kernel_mode"]
+__all__ = [
+    "attention", "attention_reference", "attention_varlen", "attention_varlen_reference",
+    "attention_with_dropout_mask", "pad_input", "unpad_input",
+    "get_kernel_mode", "mlm_loss", "mlm_loss_reference", "rtd_loss", "rtd_loss_reference", "set_kernel_mode"]
