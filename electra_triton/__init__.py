@@ -25,3 +25,5 @@ def _map_source_tree_kernels() -> None:
 
 
 _map_source_tree_kernels()
+
+from .patching import apply_to_transformers, patch, revert_transformers, unpatch  # noqa: E402, F401
