@@ -1,0 +1,464 @@
+"""The training loop of `electra-triton pretrain`: single process, torchrun DDP, or FSDP2; checkpoints and resume."""
+
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+import electra_triton
+
+from ..ops import _dispatch
+from . import checkpoint as ckpt
+from .config import PretrainConfig, explicit_flags, parse_args
+from .data import (
+    CorpusError,
+    ExampleStream,
+    check_tokenizer,
+    load_tokenizer,
+    resolve_corpus,
+    special_ids,
+    train_tokenizer,
+)
+from .model import ElectraPretrainer, build_models, flops_per_token, linear_schedule, parameter_groups, peak_flops
+
+RUN_CONFIG = "run_config.json"
+METRICS = "metrics.jsonl"
+
+
+class RunError(ValueError):
+    """A run cannot start as asked (the message names the fix); nothing has been written."""
+
+
+@dataclasses.dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+    distributed: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_runtime(cfg: PretrainConfig) -> Runtime:
+    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise RunError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1 and cfg.fsdp:
+        # FSDP needs a process group even on one process.
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+    distributed = world_size > 1 or cfg.fsdp
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return Runtime(rank, world_size, device, distributed)
+
+
+def select_kernels(cfg: PretrainConfig, device: torch.device, say) -> bool:
+    """Set the ops' kernel mode; True when the models should be patched with the fused kernels."""
+    if cfg.kernels == "reference":
+        _dispatch.set_kernel_mode("reference")
+        say("kernels: PyTorch reference ops (--kernels reference)")
+        return False
+    if device.type != "cuda" and not _dispatch.INTERPRET:
+        if cfg.kernels == "triton":
+            raise RunError("--kernels triton needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernels in Triton's "
+                           "interpreter, very slowly): use --kernels auto or reference on this machine")
+        _dispatch.set_kernel_mode("reference")
+        say("kernels: no GPU here, using the PyTorch reference ops (--kernels auto); the Triton kernels run on CUDA")
+        return False
+    _dispatch.set_kernel_mode(cfg.kernels)
+    where = "compiled for " + torch.cuda.get_device_name(device) if device.type == "cuda" else "Triton interpreter"
+    say(f"kernels: Triton ({where})")
+    return True
+
+
+def check_output_dir(cfg: PretrainConfig) -> None:
+    out = pathlib.Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--output-dir {out} is a file: choose a folder")
+    if cfg.resume:
+        return
+    previous = ckpt.list_checkpoints(out)
+    if previous or (out / METRICS).exists():
+        what = f"{len(previous)} checkpoint(s) up to {previous[-1].name}" if previous else "a metrics.jsonl"
+        raise RunError(
+            f"--output-dir {out} already holds another run ({what}). Pass --resume to continue it, or choose "
+            "another --output-dir (or delete that one) to start afresh; nothing was overwritten"
+        )
+
+
+def prepare_tokenizer(cfg: PretrainConfig, runtime: Runtime, sources, say):
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    folder = pathlib.Path(cfg.output_dir) / "tokenizer"
+    if cfg.resume and folder.is_dir():
+        return load_tokenizer(str(folder))
+    error = None
+    if runtime.main:
+        say(f"tokenizer: training a {cfg.vocab_size}-token WordPiece vocab on the corpus (--tokenizer DIR to use "
+            "your own)")
+        try:
+            tokenizer = train_tokenizer(sources, cfg.vocab_size, cfg.tokenizer_train_docs, cfg.max_seq_len)
+            tmp = folder.with_name("tokenizer.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+        except (CorpusError, OSError) as caught:
+            error = caught
+    if runtime.distributed:
+        status = [None if error is None else str(error)]
+        dist.broadcast_object_list(status, src=0)
+        if status[0] is not None and error is None:
+            error = CorpusError(status[0])
+    if error is not None:
+        raise error
+    return tokenizer if runtime.main else load_tokenizer(str(folder))
+
+
+def shard_model(model: ElectraPretrainer) -> torch.nn.Module:
+    """FSDP2: one unit per transformer layer of both models, the rest (shared embeddings, heads) in the root unit."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+    for electra in (model.generator.electra, model.discriminator.electra):
+        for layer in electra.encoder.layer:
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig, runtime: Runtime):
+        self.cfg = cfg
+        self.rt = runtime
+        self.out = pathlib.Path(cfg.output_dir)
+        self.stop_signal: int | None = None
+
+    def say(self, text: str) -> None:
+        if self.rt.main:
+            tqdm.write(text, file=sys.stderr)
+
+    # ---------------------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg, rt = self.cfg, self.rt
+        check_output_dir(cfg)
+        sources = resolve_corpus(cfg.corpus)
+        use_kernels = select_kernels(cfg, rt.device, self.say)
+        if rt.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / RUN_CONFIG).write_text(json.dumps(cfg.to_json(), indent=1))
+        self.tokenizer = prepare_tokenizer(cfg, rt, sources, self.say)
+        check_tokenizer(self.tokenizer, cfg.tokenizer or str(self.out / "tokenizer"))
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        generator, discriminator = build_models(cfg.model_config("discriminator"), cfg.model_config("generator"),
+                                                self.tokenizer)
+        self.configs = (generator.config, discriminator.config)
+        if use_kernels:
+            # TODO(2026-11-22): drop the guard once electra_triton.patch lands (issue: HF integration).
+            if hasattr(electra_triton, "patch"):
+                electra_triton.patch(generator)
+                electra_triton.patch(discriminator)
+            else:
+                self.say("kernels: electra_triton.patch is not available yet, running the plain HF models")
+        self.model = ElectraPretrainer(
+            generator, discriminator, special_ids(self.tokenizer), self.tokenizer.mask_token_id, cfg.mask_prob,
+            cfg.mask_token_prob, cfg.random_token_prob, cfg.rtd_weight, cfg.temperature, cfg.max_seq_len,
+        ).to(rt.device)
+        self.stream = ExampleStream(sources, self.tokenizer, cfg.max_seq_len, cfg.seed, rt.rank, rt.world_size,
+                                    cfg.shuffle_buffer)
+        self.step = 0
+        state = None
+        if cfg.resume:
+            found = ckpt.newest_valid_checkpoint(self.out, report=self.say)
+            if found is None:
+                self.say(f"resume: no valid checkpoint in {self.out / 'checkpoints'}, starting from step 0")
+            else:
+                self.say(f"resume: continuing from {found}")
+                state = ckpt.load_checkpoint(found, "state")
+                if state["world_size"] != rt.world_size:
+                    raise RunError(f"{found} was written by {state['world_size']} processes, this run has "
+                                   f"{rt.world_size}: resume with the same number of processes")
+                model_state = ckpt.load_checkpoint(found, "model")
+                optimizer_state = ckpt.load_checkpoint(found, "optimizer")
+                if not cfg.fsdp:
+                    self.model.load_state_dict(model_state)
+
+        if cfg.fsdp:
+            self.wrapped = shard_model(self.model)
+        elif rt.distributed:
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        else:
+            self.wrapped = self.model
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           linear_schedule(cfg.warmup_steps, cfg.max_steps))
+        if state is not None:
+            if cfg.fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+                set_state_dict(self.model, self.optimizer, model_state_dict=model_state,
+                               optim_state_dict=optimizer_state, options=StateDictOptions(full_state_dict=True))
+            else:
+                self.optimizer.load_state_dict(optimizer_state)
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step = state["step"]
+            self.stream.load_state_dict(state["data"][rt.rank])
+            rng = state["rng"][rt.rank]
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and rt.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], rt.device)
+            self._truncate_metrics()
+        else:
+            # Masking, sampling and dropout differ per rank; the weights were initialised identically above.
+            torch.manual_seed(cfg.seed * 1000 + 1 + rt.rank)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if rt.device.type == "cuda" and cfg.precision in ("auto", "bf16")
+                         else torch.autocast("cpu", dtype=torch.bfloat16) if cfg.precision == "bf16"
+                         else contextlib.nullcontext())
+        gen_cfg, disc_cfg = self.configs
+        self.flops_per_token = flops_per_token(disc_cfg, gen_cfg, cfg.max_seq_len, cfg.mask_prob)
+        self.peak = peak_flops(rt.device)
+
+    def _truncate_metrics(self) -> None:
+        path = self.out / METRICS
+        if not self.rt.main or not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    # ---------------------------------------------------------------------------------------------------- saving
+    def _gather(self, obj: Any) -> list[Any]:
+        if not self.rt.distributed:
+            return [obj]
+        gathered: list[Any] = [None] * self.rt.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Model and optimizer state as one process would hold them (collective under FSDP)."""
+        if self.cfg.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            return get_state_dict(self.model, self.optimizer,
+                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.model.state_dict(), self.optimizer.state_dict()
+
+    def save_checkpoint(self) -> pathlib.Path | None:
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(self.rt.device) if self.rt.device.type == "cuda" else None}
+        rngs = self._gather(rng)
+        data = self._gather(self.stream.state_dict())
+        model_state, optimizer_state = self.full_state()
+        path = None
+        if self.rt.main:
+            state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "rng": rngs, "data": data,
+                     "world_size": self.rt.world_size, "config": self.cfg.to_json()}
+            path = ckpt.save_checkpoint(self.out, self.step, {"model": model_state, "optimizer": optimizer_state,
+                                                              "state": state}, self.cfg.keep_checkpoints)
+        self.rt.barrier()
+        return path
+
+    def save_final(self) -> None:
+        from transformers import ElectraForMaskedLM, ElectraForPreTraining
+
+        model_state, _ = self.full_state() if self.cfg.fsdp else (self.model.state_dict(), None)
+        if self.rt.main:
+            gen_cfg, disc_cfg = self.configs
+            for name, cls, config in (("generator", ElectraForMaskedLM, gen_cfg),
+                                      ("discriminator", ElectraForPreTraining, disc_cfg)):
+                # A fresh, unpatched HF model: the saved folder is exactly what plain transformers loads.
+                model = cls(config)
+                prefix = name + "."
+                model.load_state_dict({k[len(prefix):]: v.detach().cpu() for k, v in model_state.items()
+                                       if k.startswith(prefix)})
+                tmp = self.out / f"{name}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                model.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+                shutil.rmtree(self.out / name, ignore_errors=True)
+                os.replace(tmp, self.out / name)
+        self.rt.barrier()
+
+    # ---------------------------------------------------------------------------------------------------- loop
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops at once
+        self.say(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to abort)")
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor([0 if self.stop_signal is None else self.stop_signal], device=self.rt.device)
+        if self.rt.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.stop_signal is None:
+            self.stop_signal = int(flag.item())
+        return bool(flag.item())
+
+    def train(self) -> int:
+        handlers = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread
+                handlers[signum] = signal.signal(signum, self._on_signal)
+        try:
+            return self._loop()
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+
+    def _loop(self) -> int:
+        cfg, rt = self.cfg, self.rt
+        self.wrapped.train()
+        keys = ("loss", "mlm_loss", "rtd_loss", "mlm_correct", "mlm_count", "rtd_correct", "rtd_count")
+        window = torch.zeros(len(keys) + 1, device=rt.device, dtype=torch.float64)  # + micro-steps
+        tokens_per_step = cfg.batch_size * cfg.max_seq_len * cfg.grad_accum * rt.world_size
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not rt.main, unit="step", dynamic_ncols=True,
+                   desc="pretrain")
+        metrics_file = open(self.out / METRICS, "a") if rt.main else None  # noqa: SIM115
+        started, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
+        first_step, last = self.step, {}
+        try:
+            while self.step < cfg.max_steps:
+                lr = self.scheduler.get_last_lr()[0]
+                for micro in range(cfg.grad_accum):
+                    batch = {k: v.to(rt.device, non_blocking=True)
+                             for k, v in self.stream.next_batch(cfg.batch_size).items()}
+                    sync = micro == cfg.grad_accum - 1
+                    no_sync = self.wrapped.no_sync() if isinstance(
+                        self.wrapped, torch.nn.parallel.DistributedDataParallel) and not sync else \
+                        contextlib.nullcontext()
+                    if cfg.fsdp:
+                        self.wrapped.set_requires_gradient_sync(sync)
+                    with no_sync:
+                        with self.autocast:
+                            out = self.wrapped(**batch)
+                        (out["loss"] / cfg.grad_accum).backward()
+                    window += torch.stack([out[k].detach().double() for k in keys] + [window.new_ones(())])
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                window_steps += 1
+                bar.update(1)
+
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    if rt.distributed:
+                        dist.all_reduce(window)
+                    values = dict(zip(keys, window.tolist(), strict=False))
+                    micro_steps = window[-1].item()
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
+                    last = {
+                        "step": self.step,
+                        "loss": values["loss"] / micro_steps,
+                        "mlm_loss": values["mlm_loss"] / micro_steps,
+                        "rtd_loss": values["rtd_loss"] / micro_steps,
+                        "mlm_acc": values["mlm_correct"] / max(values["mlm_count"], 1),
+                        "rtd_acc": values["rtd_correct"] / max(values["rtd_count"], 1),
+                        "lr": lr,
+                        "tokens_per_s": tokens_per_s,
+                    }
+                    postfix = {"loss": f"{last['loss']:.3f}", "mlm_acc": f"{last['mlm_acc']:.3f}",
+                               "rtd_acc": f"{last['rtd_acc']:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+                    if self.peak:
+                        last["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * rt.world_size)
+                        postfix["mfu"] = f"{last['mfu']:.1%}"
+                    bar.set_postfix(postfix, refresh=False)
+                    if metrics_file:
+                        metrics_file.write(json.dumps(last) + "\n")
+                        metrics_file.flush()
+                    window.zero_()
+                    window_start, window_steps = time.perf_counter(), 0
+
+                stop = self._should_stop()
+                if stop:
+                    path = self.save_checkpoint()
+                    bar.close()
+                    self.say(f"stopped at step {self.step}; checkpoint saved to {path}.\nContinue with: "
+                             f"electra-triton pretrain --output-dir {self.out} --resume")
+                    return 128 + self.stop_signal
+                if self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                    self.save_checkpoint()
+            bar.close()
+            self.save_checkpoint()
+            self.save_final()
+        finally:
+            bar.close()
+            if metrics_file:
+                metrics_file.close()
+        if rt.main:
+            minutes, seconds = divmod(time.perf_counter() - started, 60)
+            summary = f"loss {last['loss']:.3f}, MLM acc {last['mlm_acc']:.3f}, RTD acc {last['rtd_acc']:.3f}" \
+                if last else "no step taken"
+            print(
+                f"\ndone: steps {first_step} -> {self.step} in {int(minutes)}m{seconds:.0f}s ({summary})\n"
+                f"  discriminator  {self.out / 'discriminator'}   (ElectraForPreTraining.from_pretrained)\n"
+                f"  generator      {self.out / 'generator'}   (ElectraForMaskedLM.from_pretrained)\n"
+                f"  metrics        {self.out / METRICS}\n"
+                f"  checkpoints    {self.out / 'checkpoints'}   (continue with --resume and a larger --max-steps)"
+            )
+        return 0
+
+
+def run(cfg: PretrainConfig) -> int:
+    """Train as configured; returns the exit code (0, or 128 + signal when interrupted)."""
+    cfg = cfg.resolved()
+    runtime = init_runtime(cfg)
+    try:
+        trainer = Trainer(cfg, runtime)
+        trainer.setup()
+        return trainer.train()
+    finally:
+        if runtime.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        flags = explicit_flags(argv)
+        saved = None
+        if flags.get("resume"):
+            output_dir = flags.get("output_dir") or PretrainConfig(preset=flags.get("preset", "tiny")).resolved()\
+                .output_dir
+            path = pathlib.Path(output_dir) / RUN_CONFIG
+            if path.exists():
+                saved = json.loads(path.read_text())
+                saved["resume"] = True
+        return run(parse_args(argv, saved))
+    except (RunError, CorpusError, ValueError) as error:
+        print(f"electra-triton pretrain: error: {error}", file=sys.stderr)
+        return 2
