@@ -104,11 +104,16 @@ class ElectraPretrainer(nn.Module):
                                         token_type_ids=token_type_ids).last_hidden_state  # (B, L, Hg)
         # Only the masked positions reach the LM head: P of L positions, P ~ 0.15 L.
         gathered = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, P, Hg)
-        logits = self.generator.generator_lm_head(self.generator.generator_predictions(gathered))  # (B, P, V)
-        per_slot = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")  # (B*P,)
-        slot_weights = weights.flatten().float()
-        num_predicted = slot_weights.sum()
-        mlm_loss = (per_slot * slot_weights).sum() / num_predicted.clamp_min(1)
+        predicted = self.generator.generator_predictions(gathered)  # (B, P, E)
+        head = self.generator.generator_lm_head
+        num_predicted = weights.sum()
+        if "mlm_loss" in getattr(head, "_electra_triton", {}):
+            # electra_triton.patch made the LM head a fused projection + cross-entropy; logits are kept for sampling.
+            mlm_loss, logits = head(predicted, labels=torch.where(weights, targets, -100), return_logits=True)
+        else:
+            logits = head(predicted)  # (B, P, V)
+            per_slot = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")  # (B*P,)
+            mlm_loss = (per_slot * weights.flatten()).sum() / num_predicted.clamp_min(1)
 
         sampled = gumbel_sample(logits, self.temperature)  # (B, P)
         disc_ids = input_ids.scatter(1, positions, torch.where(weights, sampled, targets))  # (B, L)
@@ -124,7 +129,7 @@ class ElectraPretrainer(nn.Module):
             rtd_correct = (((out.logits > 0).long() == rtd_labels) & active).sum()
         return {
             "loss": loss, "mlm_loss": mlm_loss.detach(), "rtd_loss": rtd_loss.detach(),
-            "mlm_correct": mlm_correct, "mlm_count": num_predicted.detach(), "rtd_correct": rtd_correct,
+            "mlm_correct": mlm_correct, "mlm_count": num_predicted, "rtd_correct": rtd_correct,
             "rtd_count": active.sum(), "replaced": rtd_labels.sum(),
         }
 

@@ -186,12 +186,8 @@ class Trainer:
                                                 self.tokenizer)
         self.configs = (generator.config, discriminator.config)
         if use_kernels:
-            # TODO(2026-11-22): drop the guard once electra_triton.patch lands (issue: HF integration).
-            if hasattr(electra_triton, "patch"):
-                electra_triton.patch(generator)
-                electra_triton.patch(discriminator)
-            else:
-                self.say("kernels: electra_triton.patch is not available yet, running the plain HF models")
+            electra_triton.patch(generator)
+            electra_triton.patch(discriminator)
         self.model = ElectraPretrainer(
             generator, discriminator, special_ids(self.tokenizer), self.tokenizer.mask_token_id, cfg.mask_prob,
             cfg.mask_token_prob, cfg.random_token_prob, cfg.rtd_weight, cfg.temperature, cfg.max_seq_len,
