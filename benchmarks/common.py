@@ -31,14 +31,20 @@ def environment() -> dict[str, Any]:
     import transformers
     import triton
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=pathlib.Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                                  cwd=pathlib.Path(__file__).parent).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    # Tracked files changed since that commit: the numbers did not come from the commit alone.
+    changes = git("status", "--porcelain", "--untracked-files=no")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or 'cpu'})"
     return {"device": device, "torch": torch.__version__, "triton": triton.__version__,
-            "transformers": transformers.__version__, "commit": commit}
+            "transformers": transformers.__version__, "commit": commit,
+            "commit_dirty": None if changes is None else bool(changes)}
 
 
 class Bench:

@@ -1,0 +1,419 @@
+"""End-to-end: one full ELECTRA pre-training step per backend, plus a fine-tuning-shaped step.
+
+    python -m benchmarks.pretrain --out DIR                                  # GPU: small, base, large x 128, 512
+    python -m benchmarks.pretrain --out DIR --presets base --seq-lens 512    # the headline case only
+    python -m benchmarks.pretrain --out DIR --toy                            # CPU smoke test (implied without CUDA)
+
+The pre-training step is the project's own (electra_triton.pretrain.model.ElectraPretrainer): HF ElectraForMaskedLM
+generator + ElectraForPreTraining discriminator with shared embeddings, 15 % masking into a fixed number of slots, the
+generator's LM head on the masked slots only, Gumbel-max sampling in fp32, loss = mlm + 50 * rtd, then backward,
+gradient clipping at 1.0 and a fused AdamW step (no decay on biases/LayerNorm), under bf16 autocast with fp32 master
+weights. Every backend runs the same weights (same seed), the same batches (rotated) and the same batch size:
+
+    hf-eager                 transformers with attn_implementation="eager"
+    hf-sdpa                  transformers with attn_implementation="sdpa"
+    hf-sdpa-compile          hf-sdpa, the pre-trainer module under torch.compile (default mode)
+    electra-triton           hf-sdpa models, then electra_triton.patch(generator), patch(discriminator)
+    electra-triton-compile   electra-triton under torch.compile
+
+The fine-tuning-shaped run times ElectraForSequenceClassification (the preset's discriminator, 2 labels) for one
+training step on batches of lengths uniform in [32, 512], right-padded to the batch's longest (a multiple of 8), as a
+fine-tuning script with a padding collator would feed it.
+
+Reported per run: step time (median, 20th/80th percentile, min, max over the timed steps, each timed with CUDA events
+without synchronising in between), tokens/s = tokens per step / median step time (fine-tuning: real tokens, padding
+excluded), peak memory allocated during the timed steps (absolute: weights + optimizer state + activations), and MFU.
+
+MFU = model FLOPs per step / median step time / the matmul ceiling measured in the same run (a large bf16 GEMM), so it
+is relative to what this device's cuBLAS reaches, not its datasheet peak (`mfu_datasheet` gives that where known).
+Model FLOPs count matmuls only, forward + backward = 3 x forward, no recomputation:
+- dense parts: 6 x (weights of every linear layer) x (tokens that layer sees): encoders, embedding projections and
+  the discriminator head on every token; the generator's head (dense + the E x V LM head) on the masked slots only;
+- attention: 3 x 4 x L x hidden per token per layer (QK^T and PV), i.e. 12 L^2 hidden per sequence and layer.
+(electra_triton.pretrain.model.flops_per_token for pre-training; `finetune_flops` below for fine-tuning.)
+
+A run that does not fit in memory is recorded with status "oom", a failure (a compile error, say) with status "error"
+and the message, a backend that cannot run yet (electra_triton.patch not merged) with status "skipped" and why; the
+suite goes on. DIR/pretrain.json is rewritten after every run, so a run stopped at a time limit keeps what it measured.
+"""
+
+import argparse
+import contextlib
+import gc
+import json
+import pathlib
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining, ElectraForSequenceClassification
+
+import electra_triton
+from electra_triton.ops import get_kernel_mode, set_kernel_mode
+from electra_triton.ops._dispatch import KERNEL_MODES
+from electra_triton.presets import PRESETS
+from electra_triton.pretrain.model import (
+    ElectraPretrainer,
+    flops_per_token,
+    parameter_groups,
+    peak_flops,
+    share_embeddings,
+)
+
+from . import plots
+from .common import Bench, environment, markdown_table, write_json
+
+BACKENDS = ("hf-eager", "hf-sdpa", "hf-sdpa-compile", "electra-triton", "electra-triton-compile")
+BASELINES = ("hf-sdpa", "hf-sdpa-compile")  # the ratios the targets are stated against
+PAD, CLS, SEP, MASK = 0, 101, 102, 103  # BERT/ELECTRA vocabulary ids of the special tokens
+FIRST_WORD_ID = 999  # ids below are special or unused in the BERT vocabulary
+
+
+def _backend_settings(backend: str) -> tuple[str, bool, bool]:
+    """(attn_implementation, patch with electra_triton, torch.compile) of a backend."""
+    return ("eager" if backend == "hf-eager" else "sdpa", backend.startswith("electra-triton"),
+            backend.endswith("-compile"))
+
+
+def _patch_unavailable() -> str | None:
+    if getattr(electra_triton, "patch", None) is None:
+        return "electra_triton.patch does not exist yet (issue 5 not merged)"
+    return None
+
+
+def _config(fields: dict[str, Any], attn_implementation: str) -> ElectraConfig:
+    return ElectraConfig(**fields, attn_implementation=attn_implementation)
+
+
+# ----------------------------------------------------------------------------------------------------------- batches
+
+
+def pretrain_batches(vocab_size: int, batch_size: int, seq_len: int, count: int, seed: int) -> list[dict]:
+    """Full packed sequences ([CLS] words [SEP], no padding) as the pre-training data pipeline emits them (CPU)."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(FIRST_WORD_ID, vocab_size, (batch_size, seq_len), generator=gen)  # (B, L)
+        ids[:, 0], ids[:, -1] = CLS, SEP
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                        "token_type_ids": torch.zeros_like(ids)})
+    return batches
+
+
+def finetune_batches(vocab_size: int, batch_size: int, min_len: int, max_len: int, count: int, seed: int
+                     ) -> list[dict]:
+    """Batches of lengths uniform in [min_len, max_len], right-padded to the longest rounded up to a multiple of 8."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        lengths = torch.randint(min_len, max_len + 1, (batch_size,), generator=gen)  # (B,)
+        width = min(max_len, -(-int(lengths.max()) // 8) * 8)
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()  # (B, W)
+        ids = torch.randint(FIRST_WORD_ID, vocab_size, (batch_size, width), generator=gen) * mask
+        ids[:, 0] = CLS
+        ids.scatter_(1, (lengths - 1)[:, None], SEP)
+        labels = torch.randint(0, 2, (batch_size,), generator=gen)
+        batches.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+                        "labels": labels})
+    return batches
+
+
+def finetune_flops(config: ElectraConfig, lengths: list[int]) -> float:
+    """Training FLOPs (3 x forward, matmuls only) of ElectraForSequenceClassification on real tokens only."""
+    h, i = config.hidden_size, config.intermediate_size
+    per_token = config.num_hidden_layers * 2 * (4 * h * h + 2 * h * i)
+    per_token += 2 * config.embedding_size * h if config.embedding_size != h else 0
+    attention = config.num_hidden_layers * 2 * 2 * h * sum(n * n for n in lengths)  # QK^T and PV over real keys
+    head = len(lengths) * 2 * (h * h + h * config.num_labels)  # classifier on [CLS] only
+    return 3 * (per_token * sum(lengths) + attention + head)
+
+
+# ------------------------------------------------------------------------------------------------------------ models
+
+
+def build_pretrainer(preset: str, attn_implementation: str, seq_len: int) -> ElectraPretrainer:
+    fields = PRESETS[preset]
+    discriminator = ElectraForPreTraining(_config({**fields["discriminator"], "pad_token_id": PAD},
+                                                  attn_implementation))
+    generator = ElectraForMaskedLM(_config({**fields["generator"], "pad_token_id": PAD}, attn_implementation))
+    share_embeddings(generator, discriminator)
+    return ElectraPretrainer(generator, discriminator, special_ids=[PAD, CLS, SEP, MASK], mask_id=MASK,
+                             max_seq_len=seq_len)
+
+
+def _optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(parameter_groups(model, 0.01), lr=2e-4, betas=(0.9, 0.999), eps=1e-6,
+                             fused=device.type == "cuda")
+
+
+def make_step(model: torch.nn.Module, forward: Callable[[dict], torch.Tensor], device: torch.device,
+              autocast: bool) -> Callable[[dict], None]:
+    """One training step: forward under autocast, backward, clip at 1.0, AdamW, zero grads."""
+    optimizer = _optimizer(model, device)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def step(batch: dict) -> None:
+        context = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with context:
+            loss = forward(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+# ------------------------------------------------------------------------------------------------------------ timing
+
+
+def time_steps(step: Callable[[dict], None], batches: list[dict], warmup: int, steps: int, device: torch.device
+               ) -> tuple[dict[str, float], float | None]:
+    """Step times in ms (median, p20, p80, min, max) over `steps` steps after `warmup` ones, and peak memory in GiB."""
+    for i in range(warmup):
+        step(batches[i % len(batches)])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for i, (start, end) in enumerate(events):
+            start.record()
+            step(batches[i % len(batches)])
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) for start, end in events]
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        times = []
+        for i in range(steps):
+            begin = time.perf_counter()
+            step(batches[i % len(batches)])
+            times.append((time.perf_counter() - begin) * 1e3)
+        peak = None
+    times.sort()
+    quantile = lambda q: times[min(len(times) - 1, round(q * (len(times) - 1)))]
+    return ({"median": statistics.median(times), "p20": quantile(0.2), "p80": quantile(0.8), "min": times[0],
+             "max": times[-1]}, peak)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -------------------------------------------------------------------------------------------------------------- runs
+
+
+def _record(task: str, preset: str, seq_len: int, batch_size: int, backend: str) -> dict[str, Any]:
+    return {"task": task, "preset": preset, "seq_len": seq_len, "batch_size": batch_size, "backend": backend,
+            "status": None, "reason": None, "tokens_per_s": None, "step_ms": None, "step_ms_p20": None,
+            "step_ms_p80": None, "step_ms_min": None, "step_ms_max": None, "mfu": None, "mfu_datasheet": None,
+            "peak_mem_gb": None, "flops_per_step": None, "tokens_per_step": None}
+
+
+def run_one(task: str, preset: str, seq_len: int, batch_size: int, backend: str, settings: dict) -> dict[str, Any]:
+    """Build, warm up and time one (task, preset, seq_len, backend); never raises for OOM or a failing backend."""
+    record = _record(task, preset, seq_len, batch_size, backend)
+    attn, patch, compile_ = _backend_settings(backend)
+    if patch and (reason := _patch_unavailable()):
+        return {**record, "status": "skipped", "reason": reason}
+    device: torch.device = settings["device"]
+    torch.manual_seed(settings["seed"])  # identical initial weights for every backend
+    try:
+        if task == "pretrain":
+            model: torch.nn.Module = build_pretrainer(preset, attn, seq_len)
+            vocab = model.generator.config.vocab_size
+            batches = pretrain_batches(vocab, batch_size, seq_len, settings["rotations"], settings["seed"])
+            tokens = batch_size * seq_len
+            flops = flops_per_token(model.discriminator.config, model.generator.config, seq_len, model.mask_prob)
+            flops *= tokens
+            submodules = (model.generator, model.discriminator)
+        else:
+            config = _config({**PRESETS[preset]["discriminator"], "pad_token_id": PAD, "num_labels": 2}, attn)
+            model = ElectraForSequenceClassification(config)
+            batches = finetune_batches(config.vocab_size, batch_size, settings["min_len"], seq_len,
+                                       settings["rotations"], settings["seed"])
+            lengths = [b["attention_mask"].sum(1).tolist() for b in batches]
+            tokens = statistics.mean(sum(x) for x in lengths)
+            flops = statistics.mean(finetune_flops(config, x) for x in lengths)
+            submodules = (model,)
+        if patch:
+            for module in submodules:
+                electra_triton.patch(module)
+        model.to(device).train()
+        forward_module = torch.compile(model, backend=settings["compile_backend"]) if compile_ else model
+        if task == "pretrain":
+            forward = lambda batch: forward_module(**batch)["loss"]
+        else:
+            forward = lambda batch: forward_module(**batch).loss
+        batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+        step = make_step(model, forward, device, settings["autocast"])
+        timing, peak = time_steps(step, batches, settings["warmup"], settings["steps"], device)
+    except torch.cuda.OutOfMemoryError as error:
+        record.update(status="oom", reason=str(error).split("\n")[0][:500])
+    except Exception as error:  # a backend that fails (compile error, unsupported config) must not end the suite
+        record.update(status="error", reason=f"{type(error).__name__}: {error}"[:2000],
+                      traceback=traceback.format_exc(limit=12)[-4000:])
+    else:
+        ms = timing["median"]
+        datasheet = peak_flops(device)
+        record.update(status="ok", tokens_per_s=tokens / ms * 1e3, step_ms=ms, step_ms_p20=timing["p20"],
+                      step_ms_p80=timing["p80"], step_ms_min=timing["min"], step_ms_max=timing["max"],
+                      mfu=flops / ms / 1e9 / settings["matmul_tflops"],
+                      mfu_datasheet=flops / ms * 1e3 / datasheet if datasheet else None,
+                      peak_mem_gb=peak, flops_per_step=flops, tokens_per_step=tokens)
+    finally:
+        model = forward_module = step = batches = None
+        if compile_:
+            torch._dynamo.reset()
+        _free(device)
+    return record
+
+
+def plan(args: argparse.Namespace, toy: bool) -> list[tuple[str, str, int, int]]:
+    """(task, preset, seq_len, batch_size) of every run, in order."""
+    runs = []
+    for preset in args.presets:
+        for seq_len in args.seq_lens:
+            batch_size = args.batch_size or max(1, args.tokens_per_step // seq_len)
+            runs.append(("pretrain", preset, seq_len, batch_size))
+    if args.finetune:
+        runs.append(("finetune", args.finetune_preset, args.finetune_max_len, args.finetune_batch_size))
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------------------- results
+
+
+def _ratios(runs: list[dict]) -> None:
+    """Add tokens/s and peak-memory ratios of each run against the baselines of the same case."""
+    for run in runs:
+        for baseline in BASELINES:
+            ref = next((r for r in runs if r["status"] == "ok" and r["backend"] == baseline
+                        and all(r[k] == run[k] for k in ("task", "preset", "seq_len", "batch_size"))), None)
+            ok = run["status"] == "ok" and ref is not None
+            run[f"speedup_vs_{baseline}"] = run["tokens_per_s"] / ref["tokens_per_s"] if ok else None
+            mem_ok = ok and run["peak_mem_gb"] is not None and ref["peak_mem_gb"]
+            run[f"mem_vs_{baseline}"] = run["peak_mem_gb"] / ref["peak_mem_gb"] if mem_ok else None
+
+
+COLUMNS = ("task", "preset", "seq_len", "batch_size", "backend", "status", "tokens_per_s", "step_ms", "step_ms_p20",
+           "step_ms_p80", "mfu", "peak_mem_gb", "speedup_vs_hf-sdpa", "speedup_vs_hf-sdpa-compile", "mem_vs_hf-sdpa")
+
+
+def render_markdown(payload: dict) -> str:
+    lines = ["**TOY RUN ON CPU: sizes and timings are not results.**", ""] if payload["toy"] else []
+    lines += [f"Device: {payload['device']}; torch {payload['torch']}, triton {payload['triton']}, transformers "
+              f"{payload['transformers']}; commit {payload['commit']}. Measured matmul ceiling "
+              f"{payload['matmul_tflops']:.1f} TFLOP/s, copy {payload['copy_gbps']:.0f} GB/s.",
+              f"One training step ({payload['settings']['precision']}): median of {payload['settings']['steps']} "
+              f"steps after {payload['settings']['warmup']} warm-up steps; p20/p80 give the spread. MFU against the "
+              "measured matmul ceiling; FLOPs formula in benchmarks/pretrain.py. Fine-tuning tokens/s counts real "
+              "tokens only.", "", markdown_table(payload["runs"], COLUMNS), ""]
+    for run in payload["runs"]:
+        if run["status"] != "ok":
+            lines.append(f"- {run['task']} {run['preset']} L={run['seq_len']} {run['backend']}: {run['status']}: "
+                         f"{run['reason']}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_results(out: pathlib.Path, payload: dict, with_plot: bool) -> None:
+    _ratios(payload["runs"])
+    write_json(out / "pretrain.json", payload)
+    (out / "pretrain.md").write_text(render_markdown(payload))
+    if with_plot:
+        written = plots.pretrain_throughput(payload["runs"], out / "pretrain_throughput.png", payload["device"],
+                                            payload["toy"])
+        print(f"[pretrain] plot: {written or 'not written (matplotlib missing or nothing measured)'}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.pretrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=pathlib.Path, required=True, help="results folder (created)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--toy", action="store_true", help="toy sizes (implied on CPU): a smoke test, not results")
+    parser.add_argument("--presets", nargs="+", choices=sorted(PRESETS), help="default: small base large (toy: tiny)")
+    parser.add_argument("--seq-lens", nargs="+", type=int, help="default: 128 512 (toy: 32 64)")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    parser.add_argument("--tokens-per-step", type=int, help="batch size = this // seq_len (default 16384; toy 64)")
+    parser.add_argument("--batch-size", type=int, help="fixed batch size for every pre-training run")
+    parser.add_argument("--no-finetune", dest="finetune", action="store_false", help="skip the fine-tuning run")
+    parser.add_argument("--finetune-preset", help="default: base (toy: tiny)")
+    parser.add_argument("--finetune-batch-size", type=int, help="default 32 (toy 4)")
+    parser.add_argument("--finetune-max-len", type=int, help="lengths uniform in [32, this]; default 512 (toy 64)")
+    parser.add_argument("--warmup", type=int, help="warm-up steps, compilation included (default 5; toy 1)")
+    parser.add_argument("--steps", type=int, help="timed steps (default 20; toy 2)")
+    parser.add_argument("--rotations", type=int, default=3, help="distinct batches used in turn")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget-s", type=float, help="stop starting runs after this many seconds (rest: skipped)")
+    parser.add_argument("--kernels", choices=KERNEL_MODES,
+                        help="electra_triton kernel mode (default: auto; toy CPU runs: reference, a smoke test of the "
+                        "script, the kernels' own tests run them in the interpreter)")
+    parser.add_argument("--append", action="store_true", help="add to DIR/pretrain.json instead of replacing it")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    toy = args.toy or device.type != "cuda"
+    defaults = {"presets": ["tiny"], "seq_lens": [32, 64], "tokens_per_step": 64, "finetune_preset": "tiny",
+                "finetune_batch_size": 4, "finetune_max_len": 64, "warmup": 1, "steps": 2} if toy else {
+                "presets": ["small", "base", "large"], "seq_lens": [128, 512], "tokens_per_step": 16384,
+                "finetune_preset": "base", "finetune_batch_size": 32, "finetune_max_len": 512, "warmup": 5,
+                "steps": 20}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+    if args.kernels is None:
+        args.kernels = "reference" if device.type == "cpu" else "auto"
+    previous_mode = get_kernel_mode()
+    set_kernel_mode(args.kernels)
+    try:
+        return _run(args, device, toy)
+    finally:
+        set_kernel_mode(previous_mode)
+
+
+def _run(args: argparse.Namespace, device: torch.device, toy: bool) -> int:
+    bench = Bench(device, toy=toy)
+    autocast = device.type == "cuda"
+    settings = {"device": device, "seed": args.seed, "rotations": args.rotations, "warmup": args.warmup,
+                "steps": args.steps, "autocast": autocast, "matmul_tflops": bench.ceilings["matmul_tflops"],
+                "min_len": min(32, args.finetune_max_len),
+                # Inductor's C++ build on a 2-core CI machine takes minutes: toy CPU runs trace with dynamo only.
+                "compile_backend": "inductor" if device.type == "cuda" else "eager"}
+    out: pathlib.Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    previous = json.loads((out / "pretrain.json").read_text())["runs"] if args.append and (
+        out / "pretrain.json").exists() else []
+    payload = {**environment(), **bench.ceilings, "toy": toy,
+               "settings": {"precision": "bf16 autocast, fp32 weights" if autocast else "fp32", "warmup": args.warmup,
+                            "steps": args.steps, "rotations": args.rotations, "seed": args.seed,
+                            "compile_backend": settings["compile_backend"], "finetune_min_len": settings["min_len"],
+                            "optimizer": "AdamW (fused on CUDA), clip 1.0", "kernels": args.kernels},
+               "runs": previous}
+    print(f"[pretrain] {device} toy={toy} ceilings: {bench.ceilings}", flush=True)
+    start = time.perf_counter()
+    for task, preset, seq_len, batch_size in plan(args, toy):
+        for backend in args.backends:
+            if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+                record = {**_record(task, preset, seq_len, batch_size, backend), "status": "skipped",
+                          "reason": f"time budget of {args.budget_s:.0f} s spent"}
+            else:
+                record = run_one(task, preset, seq_len, batch_size, backend, settings)
+            payload["runs"].append(record)
+            summary = (f"{record['tokens_per_s']:.0f} tokens/s, {record['step_ms']:.1f} ms, mfu {record['mfu']:.3f}"
+                       if record["status"] == "ok" else f"{record['status']}: {record['reason']}")
+            print(f"[pretrain] {task} {preset} L={seq_len} B={batch_size} {backend}: {summary}", flush=True)
+            write_results(out, payload, with_plot=False)
+    write_results(out, payload, with_plot=True)
+    print(f"[pretrain] wrote {out / 'pretrain.json'}, {out / 'pretrain.md'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The benchmark entry points run end to end at toy size on CPU and write the documented files and JSON schema.
+
+No timing is asserted: CPU numbers are not results (DESIGN.md, Benchmarks).
+"""
+
+import json
+import pathlib
+import sys
+
+import pytest
+import torch
+
+REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
+if str(REPOSITORY) not in sys.path:  # benchmarks/ is not installed; it runs from the checkout
+    sys.path.insert(0, str(REPOSITORY))
+
+from benchmarks import common, kernels, plots, pretrain  # noqa: E402
+
+ENVIRONMENT_KEYS = {"device", "torch", "triton", "transformers", "commit"}
+RUN_KEYS = {"preset", "seq_len", "batch_size", "backend", "tokens_per_s", "step_ms", "mfu", "peak_mem_gb", "status",
+            "reason", "step_ms_p20", "step_ms_p80", "task"}
+
+
+def test_kernel_suite_writes_json_markdown_and_plots(tmp_path):
+    assert kernels.main(["--out", str(tmp_path), "--toy"]) == 0
+    payload = json.loads((tmp_path / "kernels.json").read_text())
+    assert payload.keys() >= ENVIRONMENT_KEYS
+    assert payload["toy"] is True
+    assert payload["ceilings"]["matmul_tflops"] > 0 and payload["ceilings"]["copy_gbps"] > 0
+    assert payload["errors"] == []
+    ran = {row["op"] for row in payload["rows"]}
+    assert "rtd_loss" in ran
+    assert ran | {item["op"] for item in payload["skipped"]} == set(kernels.MODULES)
+    for row in payload["rows"]:
+        assert {"op", "impl", "case", "dtype", "pass", "ms", "fraction_of_ceiling"} <= row.keys()
+        assert row["ms"] > 0
+    assert any(row.get("speedup") for row in payload["rows"] if row["impl"].startswith(common.OURS))
+    assert (tmp_path / "kernels.md").read_text().startswith("**TOY RUN ON CPU")
+    if plots.available():
+        assert (tmp_path / "kernels_speedup.png").stat().st_size > 0
+
+
+def test_kernel_suite_skips_missing_modules(capsys):
+    result = kernels.run_suite(object(), ("no_such_op",))  # never reaches the bench: the module does not exist
+    assert result["rows"] == [] and result["skipped"][0]["op"] == "no_such_op"
+    assert "no_such_op: skipped" in capsys.readouterr().out
+
+
+def test_speedup_is_against_the_fastest_alternative():
+    rows = [{"op": "x", "case": "c", "dtype": "bf16", "pass": "fwd", "impl": impl, "ms": ms}
+            for impl, ms in (("electra_triton", 1.0), ("eager", 4.0), ("compiled", 2.0), ("refused", None))]
+    common.add_speedups(rows)
+    assert rows[0]["speedup"] == 2.0 and rows[0]["vs"] == "compiled"
+    assert "speedup" not in rows[1]
+
+
+def test_pretrain_writes_the_documented_schema(tmp_path):
+    args = ["--out", str(tmp_path), "--toy", "--seq-lens", "16", "--backends", "hf-eager", "electra-triton-compile",
+            "--finetune-max-len", "24", "--finetune-batch-size", "2", "--warmup", "1", "--steps",
+            "2", "--rotations", "2"]
+    assert pretrain.main(args) == 0
+    payload = json.loads((tmp_path / "pretrain.json").read_text())
+    assert ENVIRONMENT_KEYS | {"matmul_tflops", "copy_gbps", "runs"} <= payload.keys()
+    assert payload["toy"] is True
+    runs = payload["runs"]
+    assert [(r["task"], r["backend"]) for r in runs] == [
+        (task, backend) for task in ("pretrain", "finetune") for backend in ("hf-eager", "electra-triton-compile")]
+    for run in runs:
+        assert run.keys() >= RUN_KEYS
+        if run["backend"].startswith("hf"):
+            assert run["status"] == "ok", run
+            assert run["tokens_per_s"] > 0 and run["step_ms"] > 0 and run["mfu"] > 0
+            assert run["step_ms_p20"] <= run["step_ms"] <= run["step_ms_p80"]
+        elif run["status"] == "skipped":  # never faked: skipped only while the patch does not exist
+            assert "electra_triton.patch" in run["reason"]
+        else:
+            assert run["status"] == "ok", run
+    pretrain_run = runs[0]
+    assert pretrain_run["seq_len"] == 16 and pretrain_run["batch_size"] == 64 // 16
+    assert pretrain_run["tokens_per_step"] == 64
+    assert (tmp_path / "pretrain.md").read_text().startswith("**TOY RUN ON CPU")
+    if plots.available():
+        assert (tmp_path / "pretrain_throughput.png").stat().st_size > 0
+
+
+def test_pretrain_records_oom_and_errors_and_goes_on(monkeypatch):
+    def fail(preset, attn, seq_len):
+        if attn == "eager":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise RuntimeError("compile failed")
+
+    monkeypatch.setattr(pretrain, "build_pretrainer", fail)
+    settings = {"device": torch.device("cpu"), "seed": 0}
+    oom = pretrain.run_one("pretrain", "tiny", 16, 2, "hf-eager", settings)
+    error = pretrain.run_one("pretrain", "tiny", 16, 2, "hf-sdpa", settings)
+    assert oom["status"] == "oom" and "out of memory" in oom["reason"]
+    assert error["status"] == "error" and "compile failed" in error["reason"] and error["tokens_per_s"] is None
+
+
+def test_finetune_flops_count_real_tokens_only():
+    config = pretrain._config({**pretrain.PRESETS["tiny"]["discriminator"], "num_labels": 2}, "sdpa")
+    assert pretrain.finetune_flops(config, [10, 10]) == pytest.approx(2 * pretrain.finetune_flops(config, [10]))
+    assert pretrain.finetune_flops(config, [20]) > 2 * pretrain.finetune_flops(config, [10])  # attention is L^2
