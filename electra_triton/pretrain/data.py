@@ -165,6 +165,10 @@ def train_tokenizer(sources: list[tuple[str, str]], vocab_size: int, max_documen
         raise CorpusError(
             f"the corpus ({_describe(sources)}) contains no text: pass non-empty files to --corpus"
         )
+    # The trainer numbers tokens in hash-map order, which changes from process to process: renumber them (specials
+    # first, then sorted) so that the same corpus gives the same ids, and a run is reproducible from its seed.
+    learned = sorted(set(tokenizer.get_vocab()) - set(specials), key=lambda t: (t.startswith("##"), t))
+    tokenizer.model = models.WordPiece({t: i for i, t in enumerate(specials + learned)}, unk_token="[UNK]")
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
