@@ -375,7 +375,7 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v (B, H, L, D) or packed (total, H, D) with cu_seqlens; mask (B, L) int8 or None (padded only).
 
-    Returns (out like q, lse (B, H, max_seqlen) fp32, keep (B, H, max_seqlen, max_seqlen) bool or empty).
+    Returns (out like q, lse (B, H, max_seqlen) fp32, keep (B, H, max_seqlen, max_seqlen) int8 0/1 or empty).
     """
     batch, n_heads, seqlen = _geometry(q, cu_seqlens, max_seqlen)
     head_dim = q.shape[-1]
@@ -398,7 +398,7 @@ def attention_forward(
             WRITE_KEEP=bool(keep.numel()), DOT_PRECISION=_dot_precision(q.dtype),
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
-    return out, lse, keep.view(torch.bool)
+    return out, lse, keep
 
 
 def attention_backward(
