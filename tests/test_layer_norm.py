@@ -1,0 +1,112 @@
+"""dropout_add_layer_norm against float64 references (DESIGN.md's accuracy rule), values and every gradient; dropout
+checked through the debug mask."""
+
+import pytest
+import torch
+from accuracy import assert_accurate
+from conftest import DEVICE, DTYPES
+
+from electra_triton.ops import (
+    dropout_add_layer_norm,
+    dropout_add_layer_norm_reference,
+    dropout_add_layer_norm_with_mask,
+)
+
+EPS = 1e-12  # ELECTRA's layer_norm_eps
+
+
+def _value_and_grads(fn, tensors, grad_out, dtype=None):
+    leaves = [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return out.detach(), [leaf.grad for leaf in leaves if leaf is not None]
+
+
+def _inputs(shape, dtype, residual=True, affine=True):
+    n = shape[-1]
+    x = torch.randn(shape, device=DEVICE, dtype=dtype)
+    res = torch.randn(shape, device=DEVICE, dtype=dtype) if residual else None
+    weight = (1 + 0.1 * torch.randn(n, device=DEVICE)).to(dtype) if affine else None
+    bias = (0.1 * torch.randn(n, device=DEVICE)).to(dtype) if affine else None
+    return x, res, weight, bias
+
+
+def _check(x, res, weight, bias, dropout_p):
+    # The kernel's own mask, read back from the debug entry point, makes the references apply the same dropout; the
+    # same seed makes the kernel draw that mask again below.
+    torch.manual_seed(1234)
+    _, keep = dropout_add_layer_norm_with_mask(x, res, weight, bias, EPS, dropout_p)
+    if dropout_p == 0:
+        assert keep.all()
+    fn = lambda *t: dropout_add_layer_norm_with_mask(*t, EPS, dropout_p)[0]
+    ref = lambda *t: dropout_add_layer_norm_reference(*t, EPS, dropout_p, keep)
+    grad_out = torch.randn(x.shape, device=DEVICE)
+    torch.manual_seed(1234)
+    ours, ours_grads = _value_and_grads(fn, (x, res, weight, bias), grad_out)
+    plain, plain_grads = _value_and_grads(ref, (x, res, weight, bias), grad_out)
+    exact, exact_grads = _value_and_grads(ref, (x, res, weight, bias), grad_out, torch.float64)
+    names = [n for n, t in zip(("dx", "dresidual", "dweight", "dbias"), (x, res, weight, bias)) if t is not None]
+    assert_accurate("y", ours, plain, exact)
+    for name, o, p, e in zip(names, ours_grads, plain_grads, exact_grads):
+        assert o.dtype == x.dtype, f"{name}: dtype {o.dtype}"
+        assert_accurate(name, o, p, e)
+
+
+CASES = {  # shape, residual, dropout_p
+    "M37-N40": ((37, 40), True, 0.0),
+    "M1-N256-dropout": ((1, 256), True, 0.2),
+    "BLH-N24-embeddings": ((2, 3, 24), False, 0.0),
+    "N768-dropout-embeddings": ((5, 768), False, 0.1),
+    "rows-loop-N40-dropout": ((70, 40), True, 0.3),  # several row blocks per backward program
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_matches_reference(case, dtype):
+    shape, residual, dropout_p = case
+    x, res, weight, bias = _inputs(shape, dtype, residual)
+    _check(x, res, weight, bias, dropout_p)
+
+
+def test_no_affine_and_noncontiguous():
+    x = torch.randn(40, 6, device=DEVICE).t()  # (6, 40), column stride 6
+    res = torch.randn(6, 80, device=DEVICE)[:, ::2]
+    _check(x, res, None, None, 0.0)
+
+
+def test_dropout_mask_rate_and_reproducibility():
+    x, res, weight, bias = _inputs((64, 256), torch.float32)
+    torch.manual_seed(7)
+    y1, keep1 = dropout_add_layer_norm_with_mask(x, res, weight, bias, EPS, 0.25)
+    y_plain = dropout_add_layer_norm(x, res, weight, bias, EPS, 0.25)  # next draw: another mask
+    torch.manual_seed(7)
+    y2, keep2 = dropout_add_layer_norm_with_mask(x, res, weight, bias, EPS, 0.25)
+    torch.manual_seed(7)
+    y3 = dropout_add_layer_norm(x, res, weight, bias, EPS, 0.25)
+    assert torch.equal(keep1, keep2) and torch.equal(y1, y2) and torch.equal(y1, y3)
+    assert not torch.equal(y1, y_plain)
+    assert abs(keep1.float().mean().item() - 0.75) < 0.02
+    assert keep1.float().mean(0).min() > 0.1 and keep1.float().mean(1).max() < 0.95  # not constant along rows/cols
+
+
+def test_empty_rows():
+    x, res, weight, bias = _inputs((0, 24), torch.float32)
+    assert dropout_add_layer_norm(x, res, weight, bias, EPS).shape == (0, 24)
+
+
+@pytest.mark.parametrize("bad, error, name", [
+    (lambda x, r, w, b: dropout_add_layer_norm(x, r, w, b, 0.0), ValueError, "eps"),
+    (lambda x, r, w, b: dropout_add_layer_norm(x, r, w, b, -1e-5), ValueError, "eps"),
+    (lambda x, r, w, b: dropout_add_layer_norm(x, r, w, b, "1e-5"), TypeError, "eps"),
+    (lambda x, r, w, b: dropout_add_layer_norm(x, r, w, b, EPS, 1.0), ValueError, "dropout_p"),
+    (lambda x, r, w, b: dropout_add_layer_norm(x, r, w, b, EPS, -0.1), ValueError, "dropout_p"),
+    (lambda x, r, w, b: dropout_add_layer_norm(x, r[:, :-1], w, b, EPS), ValueError, "residual"),
+    (lambda x, r, w, b: dropout_add_layer_norm(x, r.half(), w, b, EPS), TypeError, "residual"),
+    (lambda x, r, w, b: dropout_add_layer_norm(x, r, w[:-1], b, EPS), ValueError, "weight"),
+    (lambda x, r, w, b: dropout_add_layer_norm(x, r, w, b.double(), EPS), TypeError, "bias"),
+    (lambda x, r, w, b: dropout_add_layer_norm(x.int(), r, w, b, EPS), TypeError, "x"),
+])
+def test_bad_inputs(bad, error, name):
+    with pytest.raises(error, match=name):
+        bad(*_inputs((3, 8), torch.float32))
