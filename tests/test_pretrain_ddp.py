@@ -21,7 +21,7 @@ def _worker(rank: int, world_size: int, ports: list[int], tmp_path) -> None:
     def save_final_and_dump(self):
         save_final(self)
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))  # all ranks
-        first = next(iter(self.stream.next_batch(1)["input_ids"]))
+        first = self.data.next_batch()["input_ids"][0]
         torch.save({"state": state, "next_example": first}, self.out.parent / f"rank{rank}.pt")
 
     Trainer.save_final = save_final_and_dump

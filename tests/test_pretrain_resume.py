@@ -11,7 +11,7 @@ from test_pretrain_data import micro_config
 
 from electra_triton.pretrain import checkpoint as ckpt
 from electra_triton.pretrain import run
-from electra_triton.pretrain.data import ExampleStream
+from electra_triton.pretrain.model import ElectraPretrainer
 from electra_triton.pretrain.train import RunError
 
 
@@ -25,17 +25,17 @@ def test_interrupted_and_resumed_run_reproduces_the_losses(tmp_path, monkeypatch
     assert run(straight) == 0
 
     calls = []
-    next_batch = ExampleStream.next_batch
+    forward = ElectraPretrainer.forward
 
-    def interrupt_in_step_3(self, batch_size):
+    def interrupt_in_step_3(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during step 3: checkpoint after it, then exit
-        return next_batch(self, batch_size)
+        return forward(self, *args, **kwargs)
 
     interrupted = micro_config(tmp_path / "b", max_steps=6, save_every=4)
     with monkeypatch.context() as patch:
-        patch.setattr(ExampleStream, "next_batch", interrupt_in_step_3)
+        patch.setattr(ElectraPretrainer, "forward", interrupt_in_step_3)
         assert run(interrupted) == 128 + signal.SIGINT
     out = tmp_path / "b" / "out"
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-3"]

@@ -21,8 +21,10 @@ saved in every checkpoint: a resumed stream continues at the exact example.
 import ast
 import json
 import pathlib
+import queue
 import random
 import sysconfig
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -248,10 +250,11 @@ class ExampleBuilder:
         return first, second
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sentences": self.sentences, "length": self.length, "target_length": self.target_length}
+        return {"sentences": list(self.sentences), "length": self.length, "target_length": self.target_length}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sentences, self.length, self.target_length = state["sentences"], state["length"], state["target_length"]
+        self.sentences = [list(ids) for ids in state["sentences"]]
+        self.length, self.target_length = state["length"], state["target_length"]
 
 
 def _rng_state(rng: random.Random) -> list:
@@ -296,8 +299,10 @@ class ExampleStream:
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch, "source_index": self.source_index, "position": self.position,
-            "document": self.document, "epoch_examples": self.epoch_examples, "pending": self.pending,
-            "buffer": self.buffer, "rng": _rng_state(self.rng), "builder": self.builder.state_dict(),
+            # Shallow copies suffice (and keep this cheap enough to call per batch): examples and sentences are
+            # never mutated once built.
+            "document": self.document, "epoch_examples": self.epoch_examples, "pending": list(self.pending),
+            "buffer": list(self.buffer), "rng": _rng_state(self.rng), "builder": self.builder.state_dict(),
             "rank": self.rank, "world_size": self.world_size, "num_sources": len(self.sources),
         }
 
@@ -399,3 +404,50 @@ class ExampleStream:
 
 def special_ids(tokenizer) -> list[int]:
     return sorted(set(tokenizer.all_special_ids))
+
+
+class Prefetcher:
+    """Builds the next batches of `stream` in a background thread, so that tokenizing and packing overlap the step.
+
+    `state_dict()` is the stream's position after the last batch *taken*, not after the batches built ahead: a
+    checkpoint resumes at the first batch the training loop has not seen.
+    """
+
+    def __init__(self, stream: ExampleStream, batch_size: int, depth: int = 2):
+        self.stream = stream
+        self.batch_size = batch_size
+        self.state = stream.state_dict()
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._produce, name="electra-data", daemon=True)
+        self.thread.start()
+
+    def _put(self, item: tuple) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _produce(self) -> None:
+        try:
+            while not self.stopped.is_set():
+                batch = self.stream.next_batch(self.batch_size)
+                self._put((batch, self.stream.state_dict()))
+        except BaseException as error:  # handed to the training loop, raised there
+            self._put((error, None))
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        batch, state = self.queue.get()
+        if isinstance(batch, BaseException):
+            raise batch
+        self.state = state
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join()

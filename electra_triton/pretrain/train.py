@@ -24,6 +24,7 @@ from .config import PretrainConfig, explicit_flags, parse_args
 from .data import (
     CorpusError,
     ExampleStream,
+    Prefetcher,
     check_tokenizer,
     load_tokenizer,
     resolve_corpus,
@@ -277,7 +278,7 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(self.rt.device) if self.rt.device.type == "cuda" else None}
         rngs = self._gather(rng)
-        data = self._gather(self.stream.state_dict())
+        data = self._gather(self.data.state_dict())
         model_state, optimizer_state = self.full_state()
         path = None
         if self.rt.main:
@@ -316,21 +317,27 @@ class Trainer:
         self.say(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to abort)")
 
     def _should_stop(self) -> bool:
-        flag = torch.tensor([0 if self.stop_signal is None else self.stop_signal], device=self.rt.device)
-        if self.rt.distributed:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.stop_signal is None:
-            self.stop_signal = int(flag.item())
-        return bool(flag.item())
+        if not self.rt.distributed:
+            return self.stop_signal is not None
+        # Every rank must stop at the same step. The check synchronises the GPU, so under NCCL it runs every few
+        # steps only (a signal is honoured within 10 steps).
+        if self.rt.device.type == "cuda" and self.step % 10 and self.step != self.cfg.max_steps:
+            return False
+        flag = torch.tensor([self.stop_signal or 0], device=self.rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.stop_signal = int(flag.item()) or None
+        return self.stop_signal is not None
 
     def train(self) -> int:
         handlers = {}
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not the main thread
                 handlers[signum] = signal.signal(signum, self._on_signal)
+        self.data = Prefetcher(self.stream, self.cfg.batch_size)
         try:
             return self._loop()
         finally:
+            self.data.close()
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
 
@@ -349,8 +356,7 @@ class Trainer:
             while self.step < cfg.max_steps:
                 lr = self.scheduler.get_last_lr()[0]
                 for micro in range(cfg.grad_accum):
-                    batch = {k: v.to(rt.device, non_blocking=True)
-                             for k, v in self.stream.next_batch(cfg.batch_size).items()}
+                    batch = {k: v.to(rt.device, non_blocking=True) for k, v in self.data.next_batch().items()}
                     sync = micro == cfg.grad_accum - 1
                     no_sync = self.wrapped.no_sync() if isinstance(
                         self.wrapped, torch.nn.parallel.DistributedDataParallel) and not sync else \
