@@ -14,10 +14,14 @@ not exist yet is skipped with a note; one that fails is recorded under "errors" 
 
 import argparse
 import importlib
+import json
 import pathlib
 import sys
 import time
 import traceback
+
+from electra_triton.ops import get_kernel_mode, set_kernel_mode
+from electra_triton.ops._dispatch import KERNEL_MODES
 
 from . import plots
 from .common import Bench, add_speedups, environment, markdown_table, write_json
@@ -25,7 +29,7 @@ from .common import Bench, add_speedups, environment, markdown_table, write_json
 MODULES = ("attention", "gelu_linear", "layer_norm", "rtd_loss", "mlm_loss")
 
 COLUMNS = ("impl", "case", "dtype", "pass", "ms", "tflops", "gbps", "fraction_of_ceiling", "peak_mem_gb", "speedup",
-           "vs")
+           "vs", "note")
 
 
 def _load(name: str):
@@ -96,20 +100,56 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--toy", action="store_true", help="toy sizes (implied on CPU): a smoke test, not results")
     parser.add_argument("--rotations", type=int, default=3, help="input sets timed in rotation (L2 not reused)")
+    parser.add_argument("--kernels", choices=KERNEL_MODES,
+                        help="electra_triton kernel mode (default: auto; CPU: reference, the toy run being a smoke "
+                        "test of the scripts; the kernels' own tests run them in the interpreter)")
+    parser.add_argument("--merge", nargs="+", type=pathlib.Path, metavar="JSON",
+                        help="measure nothing: combine these kernels.json files (one per GPU command) into --out")
     args = parser.parse_args(argv)
+    if args.merge:
+        payload = merge_payloads([json.loads(path.read_text()) for path in args.merge], args.merge)
+        return write_results(args.out, payload)
 
     bench = Bench(args.device, toy=True if args.toy else None, rotations=args.rotations)
-    print(f"[kernels] {bench.device} toy={bench.toy} ceilings: {bench.ceilings}", flush=True)
-    payload = {**environment(), "toy": bench.toy, "ceilings": bench.ceilings, **run_suite(bench, tuple(args.ops))}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "kernels.json", payload)
-    (args.out / "kernels.md").write_text(render_markdown(payload))
-    written = [plots.attention_tflops(payload["rows"], args.out / "kernels_attention.png", payload["device"],
-                                      bench.toy),
-               plots.kernel_speedups(payload["rows"], args.out / "kernels_speedup.png", payload["device"], bench.toy)]
+    kernel_mode = args.kernels or ("reference" if bench.device.type == "cpu" else "auto")
+    print(f"[kernels] {bench.device} toy={bench.toy} kernels={kernel_mode} ceilings: {bench.ceilings}", flush=True)
+    previous_mode = get_kernel_mode()
+    set_kernel_mode(kernel_mode)
+    try:
+        results = run_suite(bench, tuple(args.ops))
+    finally:
+        set_kernel_mode(previous_mode)
+    payload = {**environment(), "toy": bench.toy, "kernels": kernel_mode, "ceilings": bench.ceilings, **results}
+    return write_results(args.out, payload)
+
+
+def merge_payloads(payloads: list[dict], sources: list[pathlib.Path]) -> dict:
+    """One payload from several suite runs (e.g. `--ops attention` and the rest, in two GPU commands)."""
+    rows = [row for payload in payloads for row in payload["rows"]]
+    ran = {row["op"] for row in rows}
+    merged = {**payloads[0], "rows": add_speedups(rows),
+              "skipped": [item for payload in payloads for item in payload["skipped"] if item["op"] not in ran],
+              "errors": [item for payload in payloads for item in payload["errors"]],
+              "merged_from": [{"path": str(source), "device": payload["device"], "commit": payload["commit"],
+                               "ceilings": payload["ceilings"]} for source, payload in zip(sources, payloads,
+                                                                                          strict=True)]}
+    merged["skipped"] = list({item["op"]: item for item in merged["skipped"]}.values())
+    if len({(item["device"], item["commit"]) for item in merged["merged_from"]}) > 1:
+        print("[kernels] warning: merging runs from different devices or commits", flush=True)
+    return merged
+
+
+def write_results(out: pathlib.Path, payload: dict) -> int:
+    """kernels.json, kernels.md and the plots into `out`; exit code 1 when a module failed."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "kernels.json", payload)
+    (out / "kernels.md").write_text(render_markdown(payload))
+    written = [plots.attention_tflops(payload["rows"], out / "kernels_attention.png", payload["device"],
+                                      payload["toy"]),
+               plots.kernel_speedups(payload["rows"], out / "kernels_speedup.png", payload["device"], payload["toy"])]
     if not plots.available():
         print("[kernels] matplotlib not installed: no plots written", flush=True)
-    files = [args.out / "kernels.json", args.out / "kernels.md", *(p for p in written if p)]
+    files = [out / "kernels.json", out / "kernels.md", *(p for p in written if p)]
     print(f"[kernels] wrote {', '.join(map(str, files))}", flush=True)
     return 1 if payload["errors"] else 0
 

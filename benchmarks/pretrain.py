@@ -332,6 +332,17 @@ def write_results(out: pathlib.Path, payload: dict, with_plot: bool) -> None:
         print(f"[pretrain] plot: {written or 'not written (matplotlib missing or nothing measured)'}", flush=True)
 
 
+def merge_payloads(payloads: list[dict], sources: list[pathlib.Path]) -> dict:
+    """One payload from several runs of this script: the first one's header, every run, where each came from."""
+    merged = {**payloads[0], "runs": [run for payload in payloads for run in payload["runs"]]}
+    merged["merged_from"] = [{"path": str(source), **{k: payload.get(k) for k in ("device", "commit", "commit_dirty",
+                                                                                  "matmul_tflops", "copy_gbps")}}
+                             for source, payload in zip(sources, payloads, strict=True)]
+    if len({(item["device"], item["commit"]) for item in merged["merged_from"]}) > 1:
+        print("[pretrain] warning: merging runs from different devices or commits", flush=True)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, required=True, help="results folder (created)")
@@ -355,7 +366,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="electra_triton kernel mode (default: auto; toy CPU runs: reference, a smoke test of the "
                         "script, the kernels' own tests run them in the interpreter)")
     parser.add_argument("--append", action="store_true", help="add to DIR/pretrain.json instead of replacing it")
+    parser.add_argument("--merge", nargs="+", type=pathlib.Path, metavar="JSON",
+                        help="measure nothing: combine these pretrain.json files (one per GPU command) into DIR")
     args = parser.parse_args(argv)
+    if args.merge:
+        payload = merge_payloads([json.loads(path.read_text()) for path in args.merge], args.merge)
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_results(args.out, payload, with_plot=True)
+        print(f"[pretrain] merged {len(payload['runs'])} runs into {args.out / 'pretrain.json'}", flush=True)
+        return 0
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     toy = args.toy or device.type != "cuda"
