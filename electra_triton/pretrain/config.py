@@ -18,7 +18,7 @@ from ..presets import PRESETS
 # Training defaults per preset. small/base/large follow the ELECTRA paper (Clark et al. 2020, table 6): learning
 # rate, batch size, sequence length and steps; warmup 10k steps. tiny is sized to finish on a 2-core CPU in minutes.
 TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {
-    "tiny": {"max_steps": 300, "batch_size": 16, "max_seq_len": 128, "lr": 2e-3, "warmup_steps": 30,
+    "tiny": {"max_steps": 400, "batch_size": 8, "max_seq_len": 128, "lr": 2e-3, "warmup_steps": 40,
              "save_every": 100, "log_every": 10},
     "small": {"max_steps": 1_000_000, "batch_size": 128, "max_seq_len": 128, "lr": 5e-4, "warmup_steps": 10_000,
               "save_every": 10_000, "log_every": 100},
