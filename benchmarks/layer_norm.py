@@ -1,0 +1,70 @@
+"""dropout_add_layer_norm against eager PyTorch (F.dropout, add, F.layer_norm) and torch.compile of it.
+
+    python -m benchmarks.layer_norm        # on a GPU: 16384 rows, ELECTRA hidden sizes, bf16 and fp16
+
+Cases: the blocks' post-attention and post-FFN norm (residual, dropout 0.1: training) and the embeddings' norm (no
+residual). Bytes moved are the fused minimum, the same for every impl so that GB/s compare: forward reads x (and the
+residual) and writes y; the backward reads dy, x (and the residual: the mask and the sum are recomputed) and writes
+dx (and d_residual). Target (issue 4, H100 bf16): forward+backward at >= 80 % of the measured copy bandwidth, >= 2x
+eager.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from electra_triton.ops import dropout_add_layer_norm
+
+from .common import Bench, forward_backward, markdown_table
+
+EPS = 1e-12
+
+
+def eager(x, residual, weight, bias, dropout_p):
+    h = F.dropout(x, dropout_p)
+    return F.layer_norm(h if residual is None else h + residual, x.shape[-1:], weight, bias, EPS)
+
+
+def ours(x, residual, weight, bias, dropout_p):
+    return dropout_add_layer_norm(x, residual, weight, bias, EPS, dropout_p)
+
+
+def make_inputs(bench: Bench, n_rows: int, hidden: int, residual: bool, dtype: torch.dtype) -> tuple:
+    def tensor(*shape, fill=None):
+        if fill is None:
+            return torch.randn(*shape, device=bench.device, dtype=dtype, requires_grad=True)
+        return torch.full(shape, fill, device=bench.device, dtype=dtype, requires_grad=True)
+
+    x = tensor(n_rows, hidden)
+    return x, tensor(n_rows, hidden) if residual else None, tensor(hidden, fill=1.0), tensor(hidden, fill=0.0)
+
+
+def run(bench: Bench) -> list[dict]:
+    n_rows, sizes = (64, [40, 256]) if bench.toy else (16384, [256, 768, 1024])
+    impls = [("electra_triton", ours), ("eager", eager)]
+    if bench.device.type == "cuda":
+        impls.append(("torch.compile", torch.compile(eager, dynamic=False)))
+    rows = []
+    for hidden, residual, dtype in [(n, r, d) for n in sizes for r in (True, False) for d in bench.dtypes]:
+        dropout_p = 0.1
+        inputs = [(*make_inputs(bench, n_rows, hidden, residual, dtype), dropout_p) for _ in range(bench.rotations)]
+        tensor_bytes = n_rows * hidden * inputs[0][0].element_size()
+        n_in = 2 if residual else 1
+        fwd_bytes = (n_in + 1) * tensor_bytes
+        case = f"rows={n_rows} N={hidden} {'residual' if residual else 'embeddings'} p={dropout_p}"
+        for impl, fn in impls:
+            with torch.no_grad():
+                timing = bench.time_ms(fn, inputs)
+            rows.append(bench.row(op="dropout_add_layer_norm", impl=impl, case=case, dtype=dtype, pass_="fwd",
+                                  timing=timing, bytes_moved=fwd_bytes))
+            timing = bench.time_ms(lambda *args, fn=fn: forward_backward(fn, *args), inputs)
+            rows.append(bench.row(op="dropout_add_layer_norm", impl=impl, case=case, dtype=dtype, pass_="fwd+bwd",
+                                  timing=timing, bytes_moved=fwd_bytes + (2 * n_in + 1) * tensor_bytes))
+    return rows
+
+
+COLUMNS = ("op", "impl", "case", "dtype", "pass", "ms", "gbps", "fraction_of_ceiling")
+
+if __name__ == "__main__":
+    bench = Bench()
+    print(bench.ceilings)
+    print(markdown_table(run(bench), COLUMNS))
