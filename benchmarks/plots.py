@@ -53,6 +53,9 @@ def attention_tflops(rows: list[dict], path: pathlib.Path, device: str, toy: boo
     variants = sorted({re.sub(r"\s*\bL=\d+\s*", " ", str(r["case"])).strip() for r in rows})
     passes = [p for p in ("fwd", "bwd", "fwd+bwd") if any(r["pass"] == p for r in rows)]
     passes += sorted({r["pass"] for r in rows} - set(passes))
+    impls = sorted({r["impl"] for r in rows}, key=lambda name: (not name.startswith(OURS), name))
+    colors = {impl: f"C{k % 10}" for k, impl in enumerate(impls)}  # one color per impl in every panel
+    lengths = sorted({_seq_len(r) for r in rows})
     fig, axes = plt.subplots(len(variants), len(passes), squeeze=False, sharey=True,
                              figsize=(4.5 * len(passes), 3.2 * len(variants)))
     for i, variant in enumerate(variants):
@@ -60,12 +63,14 @@ def attention_tflops(rows: list[dict], path: pathlib.Path, device: str, toy: boo
             ax = axes[i][j]
             panel = [r for r in rows if r["pass"] == pass_
                      and re.sub(r"\s*\bL=\d+\s*", " ", str(r["case"])).strip() == variant]
-            for impl in sorted({r["impl"] for r in panel}, key=lambda name: (not name.startswith(OURS), name)):
+            for impl in impls:
                 points = sorted((_seq_len(r), r["tflops"]) for r in panel if r["impl"] == impl)
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl,
-                        linewidth=2.5 if impl.startswith(OURS) else 1.2)
+                if points:
+                    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl,
+                            color=colors[impl], linewidth=2.5 if impl.startswith(OURS) else 1.2)
             ax.set_xscale("log", base=2)
-            ax.set_title(f"{variant or 'attention'} - {pass_}", fontsize=9)
+            ax.set_xticks(lengths, [str(n) for n in lengths])
+            ax.set_title(f"{variant or 'no mask, no dropout'} - {pass_}", fontsize=9)
             ax.set_xlabel("sequence length")
             ax.grid(alpha=0.3)
             if j == 0:
@@ -80,8 +85,13 @@ def attention_tflops(rows: list[dict], path: pathlib.Path, device: str, toy: boo
 
 
 def kernel_speedups(rows: list[dict], path: pathlib.Path, device: str, toy: bool = False) -> pathlib.Path | None:
-    """Horizontal bars: our speedup over the strongest alternative, per (op, case, pass), one bar per dtype."""
+    """Horizontal bars: our speedup over the strongest alternative, per (op, case), one bar per dtype.
+
+    Training runs forward + backward, so an op with a fwd+bwd pass shows that pass only; kernels.md has them all.
+    """
     ours = [r for r in rows if r.get("speedup") is not None]
+    trained = {r["op"] for r in ours if r["pass"] == "fwd+bwd"}
+    ours = [r for r in ours if r["op"] not in trained or r["pass"] == "fwd+bwd"]
     plt = _pyplot()
     if not ours or plt is None:
         return None
