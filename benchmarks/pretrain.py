@@ -348,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=pathlib.Path, required=True, help="results folder (created)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--toy", action="store_true", help="toy sizes (implied on CPU): a smoke test, not results")
-    parser.add_argument("--presets", nargs="+", choices=sorted(PRESETS), help="default: small base large (toy: tiny)")
+    parser.add_argument("--presets", nargs="*", choices=sorted(PRESETS),
+                        help="pre-training presets; default: small base large (toy: tiny); none: fine-tuning only")
     parser.add_argument("--seq-lens", nargs="+", type=int, help="default: 128 512 (toy: 32 64)")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--tokens-per-step", type=int, help="batch size = this // seq_len (default 16384; toy 64)")
