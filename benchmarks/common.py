@@ -10,6 +10,7 @@ A kernel benchmark module exposes `run(bench: Bench) -> list[dict]`, building it
 
 import itertools
 import json
+import os
 import pathlib
 import platform
 import statistics
@@ -38,7 +39,8 @@ def environment() -> dict[str, Any]:
         except (OSError, subprocess.CalledProcessError):
             return None
 
-    commit = git("rev-parse", "HEAD")
+    # A copy of the tree without .git (as the offline GPU machine gets) names its commit through BENCH_COMMIT.
+    commit = git("rev-parse", "HEAD") or os.environ.get("BENCH_COMMIT")
     # Tracked files changed since that commit: the numbers did not come from the commit alone.
     changes = git("status", "--porcelain", "--untracked-files=no")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or 'cpu'})"

@@ -257,7 +257,9 @@ def run_one(task: str, preset: str, seq_len: int, batch_size: int, backend: str,
     except torch.cuda.OutOfMemoryError as error:
         record.update(status="oom", reason=str(error).split("\n")[0][:500])
     except Exception as error:  # a backend that fails (compile error, unsupported config) must not end the suite
-        record.update(status="error", reason=f"{type(error).__name__}: {error}"[:2000],
+        # An OOM inside torch.compile arrives wrapped in the compiler's own exception.
+        record.update(status="oom" if "out of memory" in str(error).lower() else "error",
+                      reason=f"{type(error).__name__}: {error}"[:2000],
                       traceback=traceback.format_exc(limit=12)[-4000:])
     else:
         ms = timing["median"]
