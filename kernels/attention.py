@@ -18,20 +18,22 @@ pair instead of 5, but it is deterministic, needs no fp32 dQ buffer (zeroing + a
 contention on short sequences (L = 128 gives one or two key blocks, so atomics would serialise on the same dQ rows).
 Not measured against the atomic variant yet (no GPU at hand when written, 2026-11-22).
 
-Dropout: counter-based Philox (`tl.philox`) keyed by the host-drawn seed; counters are (row * max_seqlen + column,
-batch * H + head, offset, 0), so forward and backward regenerate the identical keep-mask from position alone, and the
-forward can write that mask for tests (WRITE_KEEP, debug only: (B, H, max_seqlen, max_seqlen) int8). An element is
-kept when its 31-bit Philox draw is >= p * 2^31; kept probabilities are scaled by 1 / (1 - p).
+Dropout: counter-based Philox (`tl.philox`) keyed by the host-drawn seed; counters are (row * max_seqlen + column / 4,
+batch * H + head, offset, 0), each giving the draws of 4 adjacent keys, so forward and backward regenerate the
+identical keep-mask from position alone, and the forward can write that mask for tests (WRITE_KEEP, debug only:
+(B, H, max_seqlen, max_seqlen) int8). An element is kept when its 31-bit Philox draw is >= p * 2^31; kept
+probabilities are scaled by 1 / (1 - p).
 
 Varlen (VARLEN=True) is the same kernels: the batch offset comes from cu_seqlens instead of a batch stride, and
 programs past a sequence's end exit at once.
 
 Supports head dims 32, 64 and 128 (HEAD_DIM is the tile width, not masked), any L up to MAX_SEQLEN (edge tiles
-masked; the dropout counter row * L + column is int32), fp32, fp16 and bf16 (fp32 accumulation always). fp32 uses IEEE fp32 for tl.dot (not tf32), so fp32 results match a float64 reference to ~1e-6
-relative at the price of running without tensor cores; fp16/bf16 use tensor cores (HGMMA on sm_90a, HMMA on sm_80).
-Launch configs are a deterministic function of (head dim, L, dtype, arch) -- no autotuning -- so the compile check
-compiles exactly what runs. Not supported: causal masks, arbitrary (L x L) masks or biases, q and k of different
-lengths, different head dims for q/k and v.
+masked; the dropout counter row * L + column / 4 is int32), fp32, fp16 and bf16 with fp32 accumulation always.
+fp32 uses IEEE fp32 for tl.dot, not tf32: fp32 results match a float64 reference to ~1e-6 relative (tf32 would give
+~1e-3) at the price of running on CUDA cores; fp16/bf16 use tensor cores (HGMMA on sm_90a, HMMA on sm_80). Any
+strides (a unit stride along D is what vectorises the loads). Launch configs are a deterministic function of (head
+dim, L, dtype, arch) -- no autotuning -- so the compile check compiles exactly what runs. Not supported: causal
+masks, arbitrary (L x L) masks or biases, q and k of different lengths, different head dims for q/k and v.
 """
 
 import torch
@@ -49,14 +51,22 @@ _RUNTIME_SCALARS = ["seed", "philox_offset", "drop_threshold", "n_heads", "max_s
 
 
 @triton.jit
-def _dropout_keep(seed, philox_offset, bh, rows, cols, max_seqlen, drop_threshold):
-    """Keep-mask for the (rows, cols) grid (both broadcast to the tile shape) of head `bh`."""
-    counter = rows * max_seqlen + cols
+def _dropout_keep(seed, philox_offset, bh, start_m, start_n, max_seqlen, drop_threshold,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) keep-mask of queries start_m.. x keys start_n.. of head `bh` (start_n a multiple of 4).
+
+    One Philox call yields four 32-bit draws: each counter covers four adjacent keys, so the generator's state lives
+    on a quarter tile (a full-tile state cost ~100 registers per thread and made the dK/dV pass spill).
+    """
+    rows = start_m + tl.arange(0, BLOCK_M)
+    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    counter = rows[:, None] * max_seqlen + groups[None, :]  # (BLOCK_M, BLOCK_N // 4)
     zero = counter * 0
-    draw, _, _, _ = tl.philox(seed, counter, zero + bh, zero + philox_offset, zero)
-    draw = draw.to(tl.int32, bitcast=True)
-    draw = tl.where(draw < 0, ~draw, draw)  # 31 uniform bits, as tl.rand does
-    return draw >= drop_threshold
+    r0, r1, r2, r3 = tl.philox(seed, counter, zero + bh, zero + philox_offset, zero)
+    draws = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))
+    draws = draws.to(tl.int32, bitcast=True)
+    draws = tl.where(draws < 0, ~draws, draws)  # 31 uniform bits, as tl.rand does
+    return draws >= drop_threshold
 
 
 @triton.jit
@@ -130,10 +140,12 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            keep = _dropout_keep(seed, philox_offset, pid_bh, rows[:, None], cols[None, :], max_seqlen, drop_threshold)
+            keep = _dropout_keep(seed, philox_offset, pid_bh, start_m, start_n, max_seqlen, drop_threshold,
+                                 BLOCK_M, BLOCK_N)
             if WRITE_KEEP:
                 keep_at = keep_ptr + pid_bh.to(tl.int64) * max_seqlen * max_seqlen
-                tl.store(keep_at + rows[:, None] * max_seqlen + cols[None, :], keep.to(tl.int8), mask=row_ok[:, None] & col_in[None, :])
+                tl.store(keep_at + rows[:, None] * max_seqlen + cols[None, :], keep.to(tl.int8),
+                         mask=row_ok[:, None] & col_in[None, :])
             p = tl.where(keep, p, 0.0)
         v = tl.load(v_base + cols[:, None] * stride_vl + dims[None, :] * stride_vd, mask=col_in[:, None], other=0.0)
         acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -225,8 +237,8 @@ def _attn_bwd_dkdv_kernel(
         p_t = tl.math.exp2(s_t - lse[None, :])
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # dO V^T, transposed
         if DROPOUT:
-            keep_t = _dropout_keep(seed, philox_offset, pid_bh, rows[None, :], cols[:, None], max_seqlen,
-                                   drop_threshold)
+            keep_t = tl.trans(_dropout_keep(seed, philox_offset, pid_bh, start_m, start_n, max_seqlen,
+                                            drop_threshold, BLOCK_M, BLOCK_N))
             p_dropped_t = tl.where(keep_t, p_t * keep_scale, 0.0)
             dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
         else:
@@ -290,7 +302,8 @@ def _attn_bwd_dq_kernel(
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, philox_offset, pid_bh, rows[:, None], cols[None, :], max_seqlen, drop_threshold)
+            keep = _dropout_keep(seed, philox_offset, pid_bh, start_m, start_n, max_seqlen, drop_threshold,
+                                 BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -329,7 +342,8 @@ def launch_configs(head_dim: int, seqlen: int, dtype: torch.dtype, arch: str) ->
         tile = {"BLOCK_M": 64, "BLOCK_N": 64 if head_dim <= 64 else 32, "num_warps": 8 if wide else 4, "num_stages": 2}
         return {"fwd": tile, "dkdv": tile, "dq": tile}
     stages = 3 if arch == "sm_90" and not wide else 2
-    fwd = {"BLOCK_M": 128 if seqlen > 64 else 64, "BLOCK_N": 64, "num_warps": 8 if wide else 4, "num_stages": stages}
+    fwd = {"BLOCK_M": 128 if seqlen > 64 else 64, "BLOCK_N": 64, "num_warps": 8 if seqlen > 64 or wide else 4,
+           "num_stages": stages}
     bwd = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8 if wide else 4, "num_stages": 2}
     dq = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8 if wide else 4, "num_stages": 2}
     if arch == "sm_90" and not wide and seqlen > 64:
