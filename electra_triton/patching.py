@@ -69,6 +69,21 @@ def _op(module: str, name: str) -> Callable | None:
         return None
 
 
+_OP_HOMES = {
+    "attention": "attention", "attention_varlen": "attention", "unpad_input": "attention", "pad_input": "attention",
+    "gelu_linear": "gelu_linear", "dropout_add_layer_norm": "layer_norm", "rtd_loss": "rtd_loss",
+    "mlm_loss": "mlm_loss",
+}
+_OPS: dict[str, Callable] = {}  # resolved by patch(), so that compiled forwards only look up a dict
+
+
+def _resolve_ops() -> None:
+    for name, home in _OP_HOMES.items():
+        found = _op(home, name)
+        if found is not None:
+            _OPS[name] = found
+
+
 def _gelu_approximate(activation: Any) -> str | None:
     """The `approximate` argument of ops.gelu_linear equal to this HF activation, or None if it is not a GELU."""
     if isinstance(activation, nn.GELU):
@@ -111,7 +126,7 @@ def _gelu_linear(module: nn.Module, linear: nn.Linear, activation: nn.Module, x:
         return activation(linear(x))
     x, weight, bias = _linear_inputs(x, linear)
     with _no_autocast(x.device):
-        return _op("gelu_linear", "gelu_linear")(x, weight, bias, approximate)
+        return _OPS["gelu_linear"](x, weight, bias, approximate)
 
 
 def _layer_norm(
@@ -127,7 +142,7 @@ def _layer_norm(
     if _autocast_dtype(x.device) is not None:
         dtype = torch.float32
     with _no_autocast(x.device):
-        return _op("layer_norm", "dropout_add_layer_norm")(
+        return _OPS["dropout_add_layer_norm"](
             x.to(dtype), None if residual is None else residual.to(dtype), norm.weight.to(dtype),
             norm.bias.to(dtype), norm.eps, p,
         )
@@ -165,7 +180,7 @@ def _unpadded(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | No
     if bool(mask.all()):
         result = None
     else:
-        _, indices, cu_seqlens, max_seqlen = _op("attention", "unpad_input")(mask[..., None], mask)
+        _, indices, cu_seqlens, max_seqlen = _OPS["unpad_input"](mask[..., None], mask)
         result = (indices, cu_seqlens, max_seqlen)
     _unpad_cache.entry = (weakref.ref(mask), result)
     return result
@@ -187,14 +202,14 @@ def _self_attention_forward(
         unpad = _unpadded(real)
     with _no_autocast(q.device):
         if unpad is None:
-            out = _op("attention", "attention")(
+            out = _OPS["attention"](
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), real, dropout_p, self.scaling
             ).transpose(1, 2)  # (B, L, H, D)
         else:
             indices, cu_seqlens, max_seqlen = unpad
             packed = [t.reshape(batch * seqlen, heads, head_dim).index_select(0, indices) for t in (q, k, v)]
-            out = _op("attention", "attention_varlen")(*packed, cu_seqlens, max_seqlen, dropout_p, self.scaling)
-            out = _op("attention", "pad_input")(out, indices, batch, seqlen)  # (B, L, H, D)
+            out = _OPS["attention_varlen"](*packed, cu_seqlens, max_seqlen, dropout_p, self.scaling)
+            out = _OPS["pad_input"](out, indices, batch, seqlen)  # (B, L, H, D)
     return out.reshape(batch, seqlen, heads * head_dim), None
 
 
@@ -218,7 +233,7 @@ def _discriminator_predictions_forward(
     hidden, weight, bias = _linear_inputs(hidden, self.dense_prediction)
     mask = None if attention_mask is None else attention_mask.view(labels.shape)
     with _no_autocast(hidden.device):
-        return _op("rtd_loss", "rtd_loss")(hidden, weight, bias, labels, mask, return_logits=True)
+        return _OPS["rtd_loss"](hidden, weight, bias, labels, mask, return_logits=True)
 
 
 def _hf_rtd_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -258,8 +273,8 @@ def _lm_head_forward(
     hidden, weight, bias = _linear_inputs(input, self)
     with _no_autocast(hidden.device):
         if return_logits:
-            return _op("mlm_loss", "mlm_loss")(hidden, weight, bias, labels, return_logits=True)
-        return _op("mlm_loss", "mlm_loss")(hidden, weight, bias, labels), None
+            return _OPS["mlm_loss"](hidden, weight, bias, labels, return_logits=True)
+        return _OPS["mlm_loss"](hidden, weight, bias, labels), None
 
 
 @can_return_tuple
@@ -347,9 +362,9 @@ def _attention_problem(config: Any, head_dim: int) -> str | None:
 def _plan(model: nn.Module, flags: dict[str, Any]) -> tuple[list[tuple[nn.Module, Callable, dict]], list[str]]:
     """What to bind where, and what stays on transformers' path and why."""
     have = {
-        "attention": _op("attention", "attention_varlen") is not None,
-        "gelu_linear": _op("gelu_linear", "gelu_linear") is not None,
-        "layer_norm": _op("layer_norm", "dropout_add_layer_norm") is not None,
+        "attention": "attention_varlen" in _OPS,
+        "gelu_linear": "gelu_linear" in _OPS,
+        "layer_norm": "dropout_add_layer_norm" in _OPS,
     }
     config = model.config
     plan, skipped = [], []
@@ -429,6 +444,7 @@ def patch(
     flags = {"attention": attention, "gelu_linear": gelu_linear, "layer_norm": layer_norm, "rtd_loss": rtd_loss,
              "mlm_loss": mlm_loss}
     unpatch(model)
+    _resolve_ops()
     plan, skipped = _plan(model, flags)
     for module, forward, fused in plan:
         _bind(module, forward, fused)
