@@ -46,6 +46,7 @@ def run_suite(bench: Bench, ops: tuple[str, ...]) -> dict:
     rows: list[dict] = []
     skipped: list[dict] = []
     errors: list[dict] = []
+    ran: list[dict] = []
     for name in ops:
         try:
             module = _load(name)
@@ -66,8 +67,9 @@ def run_suite(bench: Bench, ops: tuple[str, ...]) -> dict:
             print(f"[kernels] {name}: FAILED: {type(error).__name__}: {error}", flush=True)
             continue
         rows += module_rows
+        ran.append({"module": name, "rows": len(module_rows), "seconds": time.perf_counter() - start})
         print(f"[kernels] {name}: {len(module_rows)} rows in {time.perf_counter() - start:.1f} s", flush=True)
-    return {"rows": add_speedups(rows), "skipped": skipped, "errors": errors}
+    return {"rows": add_speedups(rows), "modules": ran, "skipped": skipped, "errors": errors}
 
 
 def render_markdown(payload: dict) -> str:
@@ -126,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
 def merge_payloads(payloads: list[dict], sources: list[pathlib.Path]) -> dict:
     """One payload from several suite runs (e.g. `--ops attention` and the rest, in two GPU commands)."""
     rows = [row for payload in payloads for row in payload["rows"]]
-    ran = {row["op"] for row in rows}
+    ran = {item["module"] for payload in payloads for item in payload.get("modules", [])}
     merged = {**payloads[0], "rows": add_speedups(rows),
+              "modules": [item for payload in payloads for item in payload.get("modules", [])],
               "skipped": [item for payload in payloads for item in payload["skipped"] if item["op"] not in ran],
               "errors": [item for payload in payloads for item in payload["errors"]],
               "merged_from": [{"path": str(source), "device": payload["device"], "commit": payload["commit"],
