@@ -422,15 +422,16 @@ class Trainer:
             if metrics_file:
                 metrics_file.close()
         if rt.main:
+            out = self.out.resolve()
             minutes, seconds = divmod(time.perf_counter() - started, 60)
             summary = f"loss {last['loss']:.3f}, MLM acc {last['mlm_acc']:.3f}, RTD acc {last['rtd_acc']:.3f}" \
                 if last else "no step taken"
             print(
                 f"\ndone: steps {first_step} -> {self.step} in {int(minutes)}m{seconds:.0f}s ({summary})\n"
-                f"  discriminator  {self.out / 'discriminator'}   (ElectraForPreTraining.from_pretrained)\n"
-                f"  generator      {self.out / 'generator'}   (ElectraForMaskedLM.from_pretrained)\n"
-                f"  metrics        {self.out / METRICS}\n"
-                f"  checkpoints    {self.out / 'checkpoints'}   (continue with --resume and a larger --max-steps)"
+                f"  discriminator  {out / 'discriminator'}   (ElectraForPreTraining.from_pretrained)\n"
+                f"  generator      {out / 'generator'}   (ElectraForMaskedLM.from_pretrained)\n"
+                f"  metrics        {out / METRICS}\n"
+                f"  checkpoints    {out / 'checkpoints'}   (continue with --resume and a larger --max-steps)"
             )
         return 0
 
