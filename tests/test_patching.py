@@ -72,6 +72,8 @@ def _batch(model_cls, padding="right"):
         inputs["end_positions"] = torch.tensor([3, 4], device=DEVICE)
     elif model_cls is ElectraForMultipleChoice:
         inputs = {k: v[:, None].expand(BATCH, 2, SEQLEN).contiguous() for k, v in inputs.items()}
+        # Distinct choices: identical ones would give gradients that cancel exactly.
+        inputs["input_ids"] = torch.randint(3, VOCAB, (BATCH, 2, SEQLEN), device=DEVICE)
         inputs["labels"] = torch.tensor([0, 1], device=DEVICE)
         real = real[:, None].expand(BATCH, 2, SEQLEN).reshape(-1, SEQLEN)
     return inputs, real
