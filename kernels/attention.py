@@ -338,8 +338,9 @@ def launch_configs(head_dim: int, seqlen: int, dtype: torch.dtype, arch: str) ->
         tile = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
         return {"fwd": tile, "dkdv": {**tile, "BLOCK_M": 16, "BLOCK_N": 32}, "dq": tile}
     wide = head_dim == 128
-    if dtype == torch.float32:  # IEEE fp32 on CUDA cores: register-bound, small tiles
-        tile = {"BLOCK_M": 64, "BLOCK_N": 64 if head_dim <= 64 else 32, "num_warps": 8 if wide else 4, "num_stages": 2}
+    if dtype == torch.float32:
+        # IEEE fp32 dots run as FMAs with both operands in registers: 64 x 64 tiles spilled kilobytes.
+        tile = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4 if head_dim <= 32 else 8, "num_stages": 2}
         return {"fwd": tile, "dkdv": tile, "dq": tile}
     stages = 3 if arch == "sm_90" and not wide else 2
     fwd = {"BLOCK_M": 128 if seqlen > 64 else 64, "BLOCK_N": 64, "num_warps": 8 if seqlen > 64 or wide else 4,
