@@ -345,11 +345,17 @@ def launch_configs(head_dim: int, seqlen: int, dtype: torch.dtype, arch: str) ->
     stages = 3 if arch == "sm_90" and not wide else 2
     fwd = {"BLOCK_M": 128 if seqlen > 64 else 64, "BLOCK_N": 64, "num_warps": 8 if seqlen > 64 or wide else 4,
            "num_stages": stages}
-    bwd = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8 if wide else 4, "num_stages": 2}
-    dq = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8 if wide else 4, "num_stages": 2}
-    if arch == "sm_90" and not wide and seqlen > 64:
-        bwd = {**bwd, "BLOCK_N": 128, "num_warps": 8}  # two (128, 64) fp32 accumulators over 8 warps
-    return {"fwd": fwd, "dkdv": bwd, "dq": dq}
+    if arch == "sm_90":
+        # wgmma reads operands from shared memory: (128, 64) key blocks with two fp32 accumulators fit 8 warps.
+        dkdv = {"BLOCK_M": 64, "BLOCK_N": 128 if seqlen > 64 and not wide else 64, "num_warps": 8 if seqlen > 64 or wide
+                else 4, "num_stages": 2}
+        dq = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8 if wide else 4, "num_stages": 2}
+    else:
+        # mma.sync keeps operands in registers: (64, 64) score tiles spilled with dropout (and 8 warps did worse),
+        # so the inner loop steps 32 queries (dK/dV) or 32 keys (dQ) at a time.
+        dkdv = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8 if head_dim >= 64 else 4, "num_stages": 2}
+        dq = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8 if wide else 4, "num_stages": 2}
+    return {"fwd": fwd, "dkdv": dkdv, "dq": dq}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -460,24 +466,27 @@ def attention_backward(
     return dq, dk, dv
 
 
-def compile_targets(models: list[dict]) -> list[CompileTarget]:
+def compile_targets(models: list[dict], arch: str | None = None) -> list[CompileTarget]:
     """Every kernel configuration launched for the presets' head dims (plus D = 32 of the tiny preset) at L in
-    {128, 512}, fp32/fp16/bf16, with and without key-padding mask and dropout, padded and varlen, on the sm_90 and
-    sm_80 configs (both are listed: the check compiles each for the arch it checks). q/k/v in HF's layout: (B, H, L, D)
-    views of a contiguous (B, L, H, D). The debug keep-mask variant (WRITE_KEEP) is for tests only and not listed.
+    {128, 512} (and L <= 64, whose forward tiles differ, for short fine-tuning batches), fp32/fp16/bf16, with and
+    without key-padding mask and dropout, padded and varlen. `arch` ("sm_90a"/"sm_90" or "sm_80") picks the configs
+    launched there; without it both arches' configs are listed (the compile check does not pass it yet, so it also
+    compiles each arch's configs for the other). q/k/v in HF's layout: (B, H, L, D) views of a contiguous
+    (B, L, H, D). The debug keep-mask variant (WRITE_KEEP) is for tests only and not listed.
     """
     head_dims = {m["hidden_size"] // m["num_attention_heads"] for m in models} | {32}  # 32: the tiny preset
+    variants = [(False, False, False), (False, False, True), (False, True, False), (False, True, True),
+                (True, False, False), (True, False, True)]  # (varlen, mask, dropout)
     targets, seen = [], set()
     batch, n_heads, not_specialized = 32, 12, 12345  # values of the do_not_specialize ints are irrelevant
     for head_dim in sorted(head_dims):
-        for seqlen in (128, 512):
+        for seqlen in (128, 512, 64):
             for dtype, pointer in TRITON_POINTER_TYPES.items():
-                for arch in ("sm_90", "sm_80"):
-                    configs = launch_configs(head_dim, seqlen, dtype, arch)
-                    for varlen, has_mask, dropout in ((False, False, False), (False, False, True), (False, True, False),
-                                                      (False, True, True), (True, False, False), (True, False, True)):
-                        targets += _targets_for(configs, head_dim, seqlen, dtype, pointer, arch, varlen, has_mask,
-                                                dropout, batch, n_heads, not_specialized, seen)
+                for config_arch in ("sm_90", "sm_80") if arch is None else (arch.removesuffix("a"),):
+                    configs = launch_configs(head_dim, seqlen, dtype, config_arch)
+                    for varlen, has_mask, dropout in variants:
+                        targets += _targets_for(configs, head_dim, seqlen, dtype, pointer, config_arch, varlen,
+                                                has_mask, dropout, batch, n_heads, not_specialized, seen)
     return targets
 
 
