@@ -1,0 +1,144 @@
+"""dropout_add_layer_norm: LayerNorm(dropout(x) + residual) in one pass (kernels/layer_norm.py), its reference, a debug
+entry point returning the dropout mask, and checks."""
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import layer_norm as kernel
+from ._checks import check_dropout_p, check_float, check_like, check_shape
+from ._dispatch import philox_seed_offset, use_kernel
+
+
+def dropout_add_layer_norm_reference(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+    eps: float, dropout_p: float = 0.0, keep_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain PyTorch: F.layer_norm(F.dropout(x, dropout_p) + residual, ...). With `keep_mask` (bool, x's shape), that
+    mask replaces F.dropout's random one (kept elements scaled by 1 / (1 - dropout_p)), to compare with the kernel."""
+    if keep_mask is not None:
+        x = torch.where(keep_mask, x / (1.0 - dropout_p), 0.0).to(x.dtype)
+    elif dropout_p > 0:
+        x = F.dropout(x, dropout_p)
+    h = x if residual is None else x + residual
+    return F.layer_norm(h, h.shape[-1:], weight, bias, eps)
+
+
+@torch.library.custom_op("electra_triton::dropout_add_layer_norm_forward", mutates_args=())
+def _forward(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+    eps: float, dropout_p: float, seed: int, offset: int, store_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return kernel.dropout_add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed, offset, store_mask)
+
+
+@_forward.register_fake
+def _(x, residual, weight, bias, eps, dropout_p, seed, offset, store_mask):
+    stat = x.new_empty(x.shape[0], dtype=torch.float32)
+    return x.new_empty(x.shape), stat, stat.clone(), x.new_empty(x.shape if store_mask else (0,), dtype=torch.uint8)
+
+
+@torch.library.custom_op("electra_triton::dropout_add_layer_norm_backward", mutates_args=())
+def _backward(
+    grad_y: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, has_bias: bool,
+    mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, seed: int, offset: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dres, dw, db = kernel.dropout_add_layer_norm_backward(
+        grad_y, x, residual, weight, has_bias, mean, rstd, dropout_p, seed, offset)
+    empty = x.new_empty(0)
+    return dx, *(t if t is not None else empty.clone() for t in (dres, dw, db))
+
+
+@_backward.register_fake
+def _(grad_y, x, residual, weight, has_bias, mean, rstd, dropout_p, seed, offset):
+    n_cols = x.shape[1]
+    return (x.new_empty(x.shape), x.new_empty(x.shape if residual is not None else (0,)),
+            x.new_empty((n_cols,) if weight is not None else (0,)), x.new_empty((n_cols,) if has_bias else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, _, dropout_p, seed, offset, _ = inputs
+    _, mean, rstd, _ = output
+    ctx.save_for_backward(x, residual, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+    ctx.dropout = (dropout_p, seed, offset)
+
+
+def _autograd_backward(ctx, grad_y, grad_mean, grad_rstd, grad_mask):
+    x, residual, weight, mean, rstd = ctx.saved_tensors
+    grad_y = grad_y if grad_y.stride(-1) == 1 else grad_y.contiguous()
+    dx, dres, dw, db = _backward(grad_y, x, residual, weight, ctx.has_bias, mean, rstd, *ctx.dropout)
+    return (dx, dres if residual is not None else None, dw if weight is not None else None,
+            db if ctx.has_bias else None, None, None, None, None, None)
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def _check(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+    eps: float, dropout_p: float,
+) -> float:
+    x = check_float("x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have shape (..., N) with N >= 1, got {tuple(x.shape)}")
+    n_cols = x.shape[-1]
+    if n_cols > kernel.MAX_HIDDEN:
+        raise ValueError(f"x's last dim must be at most {kernel.MAX_HIDDEN}, got {n_cols}")
+    if residual is not None:
+        check_like("residual", check_float("residual", residual), "x", x)
+        check_shape("residual", residual, x.shape)
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None:
+            check_like(name, check_float(name, param), "x", x)
+            check_shape(name, param, (n_cols,))
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    return check_dropout_p(dropout_p)
+
+
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    """(..., N) -> (rows, N) with unit column stride (a view when possible)."""
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
+
+
+def _run(x, residual, weight, bias, eps, dropout_p, store_mask):
+    seed, offset = philox_seed_offset() if dropout_p > 0 else (0, 0)
+    y, _, _, mask = _forward(_rows(x), None if residual is None else _rows(residual), weight, bias, float(eps),
+                             dropout_p, seed, offset, store_mask)
+    return y.reshape(x.shape), mask.reshape(x.shape).bool() if store_mask else None
+
+
+def dropout_add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+    eps: float, dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """`F.layer_norm(F.dropout(x, dropout_p) + residual, (N,), weight, bias, eps)` in one pass over memory.
+
+    x (..., N) of any leading shape; residual of x's shape, or None (then LayerNorm(dropout(x)), e.g. for the
+    embeddings); weight and bias (N,) or None (elementwise_affine=False); all of one float dtype and device. Dropout
+    is applied whenever dropout_p > 0 (the caller decides from its training mode), with a Philox mask drawn from
+    torch's generator (reproducible under torch.manual_seed) and regenerated, not stored, for the backward.
+    Statistics in fp32; returns x's dtype and shape.
+    """
+    dropout_p = _check(x, residual, weight, bias, eps, dropout_p)
+    if not use_kernel("dropout_add_layer_norm", x.device):
+        return dropout_add_layer_norm_reference(x, residual, weight, bias, eps, dropout_p)
+    return _run(x, residual, weight, bias, eps, dropout_p, store_mask=False)[0]
+
+
+def dropout_add_layer_norm_with_mask(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+    eps: float, dropout_p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Debug entry point: dropout_add_layer_norm's output and the boolean keep-mask (x's shape) it applied, for tests
+    against `dropout_add_layer_norm_reference(..., keep_mask=mask)`. Differentiable like the plain op."""
+    dropout_p = _check(x, residual, weight, bias, eps, dropout_p)
+    if not use_kernel("dropout_add_layer_norm", x.device):
+        keep = torch.rand(x.shape, device=x.device) >= dropout_p
+        return dropout_add_layer_norm_reference(x, residual, weight, bias, eps, dropout_p, keep), keep
+    return _run(x, residual, weight, bias, eps, dropout_p, store_mask=True)
