@@ -23,7 +23,7 @@ import tempfile
 
 from .presets import model_sizes
 
-# Every module of electra_triton.kernels that launches kernels; each defines compile_targets(models).
+# Every module of electra_triton.kernels that launches kernels; each defines compile_targets(models, arch).
 KERNEL_MODULES = ("rtd_loss", "mlm_loss", "attention", "gelu_linear", "layer_norm")
 ARCHES = {"sm_90a": 90, "sm_80": 80}
 H100_SHARED_MEMORY_PER_BLOCK = 227 * 1024
@@ -31,10 +31,11 @@ H100_SHARED_MEMORY_PER_BLOCK = 227 * 1024
 _targets: list = []  # filled before the worker processes fork, read by index in them
 
 
-def collect_targets(modules: tuple[str, ...] = KERNEL_MODULES) -> list:
+def collect_targets(arch: str, modules: tuple[str, ...] = KERNEL_MODULES) -> list:
+    """The configurations the launchers pick on `arch` for every preset model."""
     targets = []
     for name in modules:
-        targets += importlib.import_module(f"electra_triton.kernels.{name}").compile_targets(model_sizes())
+        targets += importlib.import_module(f"electra_triton.kernels.{name}").compile_targets(model_sizes(), arch)
     return targets
 
 
@@ -87,7 +88,7 @@ def check_compile(
         raise ValueError(f"arch must be one of {sorted(ARCHES)}, got {arch!r}")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("the compile check needs compiled kernels: run it with TRITON_INTERPRET unset")
-    _targets[:] = collect_targets(modules)
+    _targets[:] = collect_targets(arch, modules)
     jobs = jobs or min(len(_targets), os.cpu_count() or 1)
     if jobs <= 1:
         return [_compile(i, arch) for i in range(len(_targets))]

@@ -466,12 +466,11 @@ def attention_backward(
     return dq, dk, dv
 
 
-def compile_targets(models: list[dict], arch: str | None = None) -> list[CompileTarget]:
+def compile_targets(models: list[dict], arch: str) -> list[CompileTarget]:
     """Every kernel configuration launched for the presets' head dims (plus D = 32 of the tiny preset) at L in
     {128, 512} (and L <= 64, whose forward tiles differ, for short fine-tuning batches), fp32/fp16/bf16, with and
-    without key-padding mask and dropout, padded and varlen. `arch` ("sm_90a"/"sm_90" or "sm_80") picks the configs
-    launched there; without it both arches' configs are listed (the compile check does not pass it yet, so it also
-    compiles each arch's configs for the other). q/k/v in HF's layout: (B, H, L, D) views of a contiguous
+    without key-padding mask and dropout, padded and varlen, as launched on `arch` ("sm_90a" or "sm_80"). q/k/v in
+    HF's layout: (B, H, L, D) views of a contiguous
     (B, L, H, D). The debug keep-mask variant (WRITE_KEEP) is for tests only and not listed.
     """
     head_dims = {m["hidden_size"] // m["num_attention_heads"] for m in models} | {32}  # 32: the tiny preset
@@ -482,7 +481,7 @@ def compile_targets(models: list[dict], arch: str | None = None) -> list[Compile
     for head_dim in sorted(head_dims):
         for seqlen in (128, 512, 64):
             for dtype, pointer in TRITON_POINTER_TYPES.items():
-                for config_arch in ("sm_90", "sm_80") if arch is None else (arch.removesuffix("a"),):
+                for config_arch in (arch.removesuffix("a"),):
                     configs = launch_configs(head_dim, seqlen, dtype, config_arch)
                     for varlen, has_mask, dropout in variants:
                         targets += _targets_for(configs, head_dim, seqlen, dtype, pointer, config_arch, varlen,

@@ -327,10 +327,9 @@ def gelu_linear_backward(
     return dx, dw, db
 
 
-def compile_targets(models: list[dict]) -> list[CompileTarget]:
-    """Every GEMM configuration launched for the presets' FFN and head shapes at M = B*L in 4k..32k, plus the
-    gelu-grad pass. The sm_90 and sm_80 launch configs are both listed (the check compiles each for its one --arch),
-    deduplicated: a label names the archs and (K, N) shapes that launch it.
+def compile_targets(models: list[dict], arch: str) -> list[CompileTarget]:
+    """Every GEMM configuration launched on `arch` ("sm_90a" or "sm_80") for the presets' FFN and head shapes at
+    M = B*L in 4k..32k, plus the gelu-grad pass; deduplicated, a label names the (K, N) shapes that launch it.
 
     Forward: exact and tanh GELU, bias, with and without storing Z. Backward: dX (A = dZ row-major, B = W row-major)
     and dW (A = dZ^T column-major, B = X row-major, split along M into fp32 partials when the output has few tiles).
@@ -341,43 +340,39 @@ def compile_targets(models: list[dict]) -> list[CompileTarget]:
         # FFN up and down projections, the discriminator head's dense, the generator head's hidden -> embedding.
         shapes |= {(hidden, inner), (inner, hidden), (hidden, hidden), (hidden, m["embedding_size"])}
     plain = {"HAS_BIAS": False, "ACTIVATION": 0, "STORE_Z": False}
+    capability = {"sm_90a": 90, "sm_80": 80}[arch]
     found: dict[tuple, dict] = {}
-    for arch in (90, 80):
-        for dtype, pointer in TRITON_POINTER_TYPES.items():
-            for (K, N), M in itertools.product(sorted(shapes), (4096, 8192, 16384, 32768)):
-                launches = [("fwd", M, N, K, (K, 1), (1, K), {"HAS_BIAS": True, "ACTIVATION": act, "STORE_Z": z})
-                            for act in (1, 2) for z in (False, True)]
-                launches += [("dX", M, K, N, (N, 1), (K, 1), plain), ("dW", N, K, M, (1, N), (K, 1), plain)]
-                for kind, m_, n_, k_, a_strides, b_strides, flags in launches:
-                    config = matmul_config(m_, n_, k_, dtype, arch, flags["ACTIVATION"], flags["HAS_BIAS"],
-                                           flags["STORE_Z"])
-                    blocks = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EPILOGUE_SPLITS")}
-                    split = config["SPLIT_K"] > 1
-                    key = (kind, pointer, *blocks.values(), config["num_warps"], config["num_stages"], split,
-                           *flags.values())
-                    entry = found.setdefault(key, {"archs": set(), "shapes": set(), "target": None})
-                    entry["archs"].add(arch)
-                    entry["shapes"].add(f"{K}x{N}")
-                    if entry["target"] is None:
-                        ints = {"M": m_, "N": n_, "K": k_, "k_per_split": config["k_per_split"],
-                                "stride_am": a_strides[0], "stride_ak": a_strides[1], "stride_bk": b_strides[0],
-                                "stride_bn": b_strides[1], "stride_cs": m_ * n_, "stride_cm": n_, "stride_cn": 1}
-                        activation = {0: "", 1: " gelu", 2: " gelu_tanh"}[flags["ACTIVATION"]]
-                        entry["what"] = (f"{kind}{activation}{' +z' if flags['STORE_Z'] else ''} {pointer[1:]} "
-                                         f"{blocks['BLOCK_M']}x{blocks['BLOCK_N']}x{blocks['BLOCK_K']} "
-                                         f"w{config['num_warps']}s{config['num_stages']}{' splitK' if split else ''}")
-                        entry["target"] = specialized_target(
-                            _matmul_kernel, ints=ints, pointers={
-                                "a_ptr": pointer, "b_ptr": pointer, "bias_ptr": pointer, "z_ptr": pointer,
-                                "c_ptr": "*fp32" if split else pointer},
-                            constexprs={**flags, "INPUT_PRECISION": _input_precision(dtype), **blocks},
-                            num_warps=config["num_warps"], num_stages=config["num_stages"], multiplies_matrices=True,
-                            label="")
-    targets = []
-    for entry in found.values():
-        archs = "/".join(f"sm{a}" for a in sorted(entry["archs"], reverse=True))
-        label = f"{entry['what']} [{archs}] {len(entry['shapes'])} KxN"
-        targets.append(dataclasses.replace(entry["target"], label=label))
+    for dtype, pointer in TRITON_POINTER_TYPES.items():
+        for (K, N), M in itertools.product(sorted(shapes), (4096, 8192, 16384, 32768)):
+            launches = [("fwd", M, N, K, (K, 1), (1, K), {"HAS_BIAS": True, "ACTIVATION": act, "STORE_Z": z})
+                        for act in (1, 2) for z in (False, True)]
+            launches += [("dX", M, K, N, (N, 1), (K, 1), plain), ("dW", N, K, M, (1, N), (K, 1), plain)]
+            for kind, m_, n_, k_, a_strides, b_strides, flags in launches:
+                config = matmul_config(m_, n_, k_, dtype, capability, flags["ACTIVATION"], flags["HAS_BIAS"],
+                                       flags["STORE_Z"])
+                blocks = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EPILOGUE_SPLITS")}
+                split = config["SPLIT_K"] > 1
+                key = (kind, pointer, *blocks.values(), config["num_warps"], config["num_stages"], split,
+                       *flags.values())
+                entry = found.setdefault(key, {"shapes": set(), "target": None})
+                entry["shapes"].add(f"{K}x{N}")
+                if entry["target"] is None:
+                    ints = {"M": m_, "N": n_, "K": k_, "k_per_split": config["k_per_split"],
+                            "stride_am": a_strides[0], "stride_ak": a_strides[1], "stride_bk": b_strides[0],
+                            "stride_bn": b_strides[1], "stride_cs": m_ * n_, "stride_cm": n_, "stride_cn": 1}
+                    activation = {0: "", 1: " gelu", 2: " gelu_tanh"}[flags["ACTIVATION"]]
+                    entry["what"] = (f"{kind}{activation}{' +z' if flags['STORE_Z'] else ''} {pointer[1:]} "
+                                     f"{blocks['BLOCK_M']}x{blocks['BLOCK_N']}x{blocks['BLOCK_K']} "
+                                     f"w{config['num_warps']}s{config['num_stages']}{' splitK' if split else ''}")
+                    entry["target"] = specialized_target(
+                        _matmul_kernel, ints=ints, pointers={
+                            "a_ptr": pointer, "b_ptr": pointer, "bias_ptr": pointer, "z_ptr": pointer,
+                            "c_ptr": "*fp32" if split else pointer},
+                        constexprs={**flags, "INPUT_PRECISION": _input_precision(dtype), **blocks},
+                        num_warps=config["num_warps"], num_stages=config["num_stages"], multiplies_matrices=True,
+                        label="")
+    targets = [dataclasses.replace(entry["target"], label=f"{entry['what']} {len(entry['shapes'])} KxN")
+               for entry in found.values()]
 
     grad_configs = {}  # the gelu-grad pass on each forward output width, deduplicated by tile shape
     for N in sorted({n for _, n in shapes}):

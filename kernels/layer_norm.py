@@ -196,7 +196,7 @@ def dropout_add_layer_norm_backward(
     return dx, dres, dw, db
 
 
-def compile_targets(models: list[dict]) -> list[CompileTarget]:
+def compile_targets(models: list[dict], arch: str) -> list[CompileTarget]:
     """Every configuration launched for the presets' hidden and embedding sizes: with and without residual and
     dropout (and the debug mask store), affine LayerNorm as ELECTRA's, for each dtype."""
     sizes = sorted({m["hidden_size"] for m in models} | {m["embedding_size"] for m in models})

@@ -130,7 +130,7 @@ def mlm_loss_forward(
     return losses.sum() * grad_scale, grad_hidden, grad_weight, grad_bias
 
 
-def compile_targets(models: list[dict]) -> list[CompileTarget]:
+def compile_targets(models: list[dict], arch: str) -> list[CompileTarget]:
     """The cross-entropy kernel at every generator vocabulary size, each dtype, with and without the gradient."""
     targets = []
     for vocab_size in sorted({m["vocab_size"] for m in models if m["role"] == "generator"}):

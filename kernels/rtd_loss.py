@@ -198,7 +198,7 @@ def rtd_loss_backward(
     return d_hidden, d_weight, d_bias
 
 
-def compile_targets(models: list[dict]) -> list[CompileTarget]:
+def compile_targets(models: list[dict], arch: str) -> list[CompileTarget]:
     """Every configuration launched for the discriminators' hidden sizes, at L = 512, labels and mask int64 as HF."""
     targets = []
     batch, seq_len = 32, 512
