@@ -202,7 +202,7 @@ def test_opcheck_fake_and_autograd_registration():
     q, k, v = (torch.randn(1, 2, 16, 32, device=DEVICE, requires_grad=True) for _ in range(3))
     mask = torch.ones(1, 16, dtype=torch.int8, device=DEVICE)
     forward = torch.ops.electra_triton.attention_forward.default
-    torch.library.opcheck(forward, (q, k, v, mask, None, 16, 0.2, 0.1, 5, 6, False),
+    torch.library.opcheck(forward, (q, k, v, mask, None, 16, 0.2, 0.1, torch.tensor([5, 6]), False),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

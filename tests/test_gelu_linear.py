@@ -93,3 +93,11 @@ def test_matches_torch_default_gelu_exactly_in_fp32():
 def test_bad_inputs(bad, error, name):
     with pytest.raises(error, match=name):
         bad(*_inputs((3,), 8, 4, torch.float32))
+
+
+def test_opcheck_fake_and_autograd_registration():
+    x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
+    weight, bias = torch.randn(24, 40, device=DEVICE, requires_grad=True), torch.randn(24, device=DEVICE)
+    forward = torch.ops.electra_triton.gelu_linear_forward.default
+    torch.library.opcheck(forward, (x, weight, bias.requires_grad_(), 1, True),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -110,3 +110,11 @@ def test_empty_rows():
 def test_bad_inputs(bad, error, name):
     with pytest.raises(error, match=name):
         bad(*_inputs((3, 8), torch.float32))
+
+
+def test_opcheck_fake_and_autograd_registration():
+    x, residual = (torch.randn(6, 40, device=DEVICE, requires_grad=True) for _ in range(2))
+    weight, bias = (torch.randn(40, device=DEVICE, requires_grad=True) for _ in range(2))
+    forward = torch.ops.electra_triton.dropout_add_layer_norm_forward.default
+    torch.library.opcheck(forward, (x, residual, weight, bias, 1e-5, 0.1, torch.tensor([3, 4]), False),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

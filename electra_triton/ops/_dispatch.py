@@ -36,7 +36,8 @@ def get_kernel_mode() -> str:
 
 
 def _announce(op: str, where: str) -> None:
-    if (op, where) not in _announced:
+    # torch.compile cannot trace logging calls (a graph break); the eager run before it has announced already.
+    if (op, where) not in _announced and not torch.compiler.is_compiling():
         _announced.add((op, where))
         logger.info("electra_triton.ops.%s runs %s", op, where)
 
@@ -60,11 +61,14 @@ def use_kernel(op: str, device: torch.device) -> bool:
     return False
 
 
-def philox_seed_offset() -> tuple[int, int]:
-    """A (seed, offset) pair for a kernel's counter-based RNG, drawn from torch's default CPU generator.
+def philox_rng_state(dropout_p: float) -> torch.Tensor:
+    """(seed, offset) for a kernel's counter-based RNG: an int64 CPU tensor of 2, drawn from torch's generator (zeros,
+    drawing nothing, when dropout_p is 0).
 
     Drawing on the host costs no device synchronisation, `torch.manual_seed` reproduces the sequence, and two calls
-    in a row get different pairs.
+    in a row differ. It stays a tensor up to the custom op, which reads the two ints inside its (opaque)
+    implementation: reading them in traced code would break a torch.compile(fullgraph=True) graph.
     """
-    seed, offset = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64).tolist()
-    return seed, offset
+    if dropout_p == 0.0:
+        return torch.zeros(2, dtype=torch.int64)
+    return torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..kernels import attention as kernel
 from ._checks import check_dropout_p, check_float, check_like, check_shape, check_tensor
-from ._dispatch import philox_seed_offset, use_kernel
+from ._dispatch import philox_rng_state, use_kernel
 
 _warned_head_dims: set[int] = set()
 
@@ -105,13 +105,14 @@ def pad_input(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: i
 @torch.library.custom_op("electra_triton::attention_forward", mutates_args=())
 def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-    max_seqlen: int, scale: float, dropout_p: float, seed: int, offset: int, write_keep: bool,
+    max_seqlen: int, scale: float, dropout_p: float, rng: torch.Tensor, write_keep: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seed, offset = rng.tolist()
     return kernel.attention_forward(q, k, v, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset, write_keep)
 
 
 @_forward.register_fake
-def _(q, k, v, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset, write_keep):
+def _(q, k, v, mask, cu_seqlens, max_seqlen, scale, dropout_p, rng, write_keep):
     batch, heads, seqlen = (q.shape[0], q.shape[1], q.shape[2]) if cu_seqlens is None else (
         cu_seqlens.shape[0] - 1, q.shape[1], max_seqlen)
     keep_shape = (batch, heads, seqlen, seqlen) if write_keep and dropout_p > 0.0 else (0,)
@@ -123,29 +124,30 @@ def _(q, k, v, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset, wri
 def _backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, max_seqlen: int, scale: float, dropout_p: float,
-    seed: int, offset: int,
+    rng: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seed, offset = rng.tolist()
     return kernel.attention_backward(grad_out, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, scale, dropout_p,
                                      seed, offset)
 
 
 @_backward.register_fake
-def _(grad_out, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset):
+def _(grad_out, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, scale, dropout_p, rng):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset, _ = inputs
+    q, k, v, mask, cu_seqlens, max_seqlen, scale, dropout_p, rng, _ = inputs
     out, lse, _ = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, cu_seqlens)
-    ctx.scalars = (max_seqlen, scale, dropout_p, seed, offset)
+    ctx.save_for_backward(q, k, v, out, lse, mask, cu_seqlens, rng)
+    ctx.scalars = (max_seqlen, scale, dropout_p)
 
 
 def _autograd_backward(ctx, grad_out, grad_lse, grad_keep):
-    q, k, v, out, lse, mask, cu_seqlens = ctx.saved_tensors
-    max_seqlen, scale, dropout_p, seed, offset = ctx.scalars
-    dq, dk, dv = _backward(grad_out, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    q, k, v, out, lse, mask, cu_seqlens, rng = ctx.saved_tensors
+    max_seqlen, scale, dropout_p = ctx.scalars
+    dq, dk, dv = _backward(grad_out, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, scale, dropout_p, rng)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -232,8 +234,7 @@ def attention(
     mask, dropout_p, scale = _check_padded(q, k, v, attention_mask, dropout_p, scale)
     if not _kernel_takes(q, "attention"):
         return attention_reference(q, k, v, attention_mask, dropout_p, scale)
-    seed, offset = philox_seed_offset() if dropout_p > 0.0 else (0, 0)
-    return _forward(q, k, v, mask, None, q.shape[2], scale, dropout_p, seed, offset, False)[0]
+    return _forward(q, k, v, mask, None, q.shape[2], scale, dropout_p, philox_rng_state(dropout_p), False)[0]
 
 
 def attention_with_dropout_mask(
@@ -255,8 +256,7 @@ def attention_with_dropout_mask(
     if not _kernel_takes(q, "attention"):
         keep = torch.rand((batch, heads, seqlen, seqlen), device=q.device) >= dropout_p
         return attention_reference(q, k, v, attention_mask, dropout_p, scale, dropout_mask=keep), keep
-    seed, offset = philox_seed_offset()
-    out, _, keep = _forward(q, k, v, mask, None, seqlen, scale, dropout_p, seed, offset, True)
+    out, _, keep = _forward(q, k, v, mask, None, seqlen, scale, dropout_p, philox_rng_state(dropout_p), True)
     return out, keep.view(torch.bool)
 
 
@@ -286,5 +286,5 @@ def attention_varlen(
     scale = _check_scale(scale, q.shape[-1])
     if not _kernel_takes(q, "attention_varlen"):
         return attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale)
-    seed, offset = philox_seed_offset() if dropout_p > 0.0 else (0, 0)
-    return _forward(q, k, v, None, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset, False)[0]
+    rng = philox_rng_state(dropout_p)
+    return _forward(q, k, v, None, cu_seqlens, max_seqlen, scale, dropout_p, rng, False)[0]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..kernels import layer_norm as kernel
 from ._checks import check_dropout_p, check_float, check_like, check_shape
-from ._dispatch import philox_seed_offset, use_kernel
+from ._dispatch import philox_rng_state, use_kernel
 
 
 def dropout_add_layer_norm_reference(
@@ -28,13 +28,14 @@ def dropout_add_layer_norm_reference(
 @torch.library.custom_op("electra_triton::dropout_add_layer_norm_forward", mutates_args=())
 def _forward(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
-    eps: float, dropout_p: float, seed: int, offset: int, store_mask: bool,
+    eps: float, dropout_p: float, rng: torch.Tensor, store_mask: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    seed, offset = rng.tolist()
     return kernel.dropout_add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed, offset, store_mask)
 
 
 @_forward.register_fake
-def _(x, residual, weight, bias, eps, dropout_p, seed, offset, store_mask):
+def _(x, residual, weight, bias, eps, dropout_p, rng, store_mask):
     stat = x.new_empty(x.shape[0], dtype=torch.float32)
     return x.new_empty(x.shape), stat, stat.clone(), x.new_empty(x.shape if store_mask else (0,), dtype=torch.uint8)
 
@@ -42,8 +43,9 @@ def _(x, residual, weight, bias, eps, dropout_p, seed, offset, store_mask):
 @torch.library.custom_op("electra_triton::dropout_add_layer_norm_backward", mutates_args=())
 def _backward(
     grad_y: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, has_bias: bool,
-    mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, seed: int, offset: int,
+    mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, rng: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    seed, offset = rng.tolist()
     dx, dres, dw, db = kernel.dropout_add_layer_norm_backward(
         grad_y, x, residual, weight, has_bias, mean, rstd, dropout_p, seed, offset)
     empty = x.new_empty(0)
@@ -51,26 +53,26 @@ def _backward(
 
 
 @_backward.register_fake
-def _(grad_y, x, residual, weight, has_bias, mean, rstd, dropout_p, seed, offset):
+def _(grad_y, x, residual, weight, has_bias, mean, rstd, dropout_p, rng):
     n_cols = x.shape[1]
     return (x.new_empty(x.shape), x.new_empty(x.shape if residual is not None else (0,)),
             x.new_empty((n_cols,) if weight is not None else (0,)), x.new_empty((n_cols,) if has_bias else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, _, dropout_p, seed, offset, _ = inputs
+    x, residual, weight, bias, _, dropout_p, rng, _ = inputs
     _, mean, rstd, _ = output
-    ctx.save_for_backward(x, residual, weight, mean, rstd)
+    ctx.save_for_backward(x, residual, weight, mean, rstd, rng)
     ctx.has_bias = bias is not None
-    ctx.dropout = (dropout_p, seed, offset)
+    ctx.dropout_p = dropout_p
 
 
 def _autograd_backward(ctx, grad_y, grad_mean, grad_rstd, grad_mask):
-    x, residual, weight, mean, rstd = ctx.saved_tensors
+    x, residual, weight, mean, rstd, rng = ctx.saved_tensors
     grad_y = grad_y if grad_y.stride(-1) == 1 else grad_y.contiguous()
-    dx, dres, dw, db = _backward(grad_y, x, residual, weight, ctx.has_bias, mean, rstd, *ctx.dropout)
+    dx, dres, dw, db = _backward(grad_y, x, residual, weight, ctx.has_bias, mean, rstd, ctx.dropout_p, rng)
     return (dx, dres if residual is not None else None, dw if weight is not None else None,
-            db if ctx.has_bias else None, None, None, None, None, None)
+            db if ctx.has_bias else None, None, None, None, None)
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -107,9 +109,8 @@ def _rows(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _run(x, residual, weight, bias, eps, dropout_p, store_mask):
-    seed, offset = philox_seed_offset() if dropout_p > 0 else (0, 0)
     y, _, _, mask = _forward(_rows(x), None if residual is None else _rows(residual), weight, bias, float(eps),
-                             dropout_p, seed, offset, store_mask)
+                             dropout_p, philox_rng_state(dropout_p), store_mask)
     return y.reshape(x.shape), mask.reshape(x.shape).bool() if store_mask else None
 
 
