@@ -30,7 +30,6 @@ head dims other than 32 / 64 / 128, position_embedding_type other than "absolute
 """
 
 import functools
-import importlib
 import threading
 import types
 import warnings
@@ -48,6 +47,9 @@ from transformers.models.electra import modeling_electra as electra
 from transformers.models.roberta import modeling_roberta as roberta
 from transformers.utils.generic import can_return_tuple
 
+from . import ops
+from .ops.attention import HEAD_DIMS as ATTENTION_HEAD_DIMS
+
 FLAGS = ("attention", "gelu_linear", "layer_norm", "rtd_loss", "mlm_loss")
 SUPPORTED_MODELS = (electra.ElectraPreTrainedModel, bert.BertPreTrainedModel, roberta.RobertaPreTrainedModel)
 _MARK = "_electra_triton"  # instance attribute of a patched module: what is fused there
@@ -59,29 +61,6 @@ _RESIDUAL_OUTPUT = (
     roberta.RobertaSelfOutput, roberta.RobertaOutput,
 )
 _INTERMEDIATE = (electra.ElectraIntermediate, bert.BertIntermediate, roberta.RobertaIntermediate)
-
-
-def _op(module: str, name: str) -> Callable | None:
-    """electra_triton.ops.<module>.<name>, or None while that op is not (yet) part of the package."""
-    try:
-        return getattr(importlib.import_module(f"electra_triton.ops.{module}"), name, None)
-    except ImportError:
-        return None
-
-
-_OP_HOMES = {
-    "attention": "attention", "attention_varlen": "attention", "unpad_input": "attention", "pad_input": "attention",
-    "gelu_linear": "gelu_linear", "dropout_add_layer_norm": "layer_norm", "rtd_loss": "rtd_loss",
-    "mlm_loss": "mlm_loss",
-}
-_OPS: dict[str, Callable] = {}  # resolved by patch(), so that compiled forwards only look up a dict
-
-
-def _resolve_ops() -> None:
-    for name, home in _OP_HOMES.items():
-        found = _op(home, name)
-        if found is not None:
-            _OPS[name] = found
 
 
 def _gelu_approximate(activation: Any) -> str | None:
@@ -126,7 +105,7 @@ def _gelu_linear(module: nn.Module, linear: nn.Linear, activation: nn.Module, x:
         return activation(linear(x))
     x, weight, bias = _linear_inputs(x, linear)
     with _no_autocast(x.device):
-        return _OPS["gelu_linear"](x, weight, bias, approximate)
+        return ops.gelu_linear(x, weight, bias, approximate)
 
 
 def _layer_norm(
@@ -142,7 +121,7 @@ def _layer_norm(
     if _autocast_dtype(x.device) is not None:
         dtype = torch.float32
     with _no_autocast(x.device):
-        return _OPS["dropout_add_layer_norm"](
+        return ops.dropout_add_layer_norm(
             x.to(dtype), None if residual is None else residual.to(dtype), norm.weight.to(dtype),
             norm.bias.to(dtype), norm.eps, p,
         )
@@ -180,7 +159,7 @@ def _unpadded(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | No
     if bool(mask.all()):
         result = None
     else:
-        _, indices, cu_seqlens, max_seqlen = _OPS["unpad_input"](mask[..., None], mask)
+        _, indices, cu_seqlens, max_seqlen = ops.unpad_input(mask[..., None], mask)
         result = (indices, cu_seqlens, max_seqlen)
     _unpad_cache.entry = (weakref.ref(mask), result)
     return result
@@ -202,14 +181,14 @@ def _self_attention_forward(
         unpad = _unpadded(real)
     with _no_autocast(q.device):
         if unpad is None:
-            out = _OPS["attention"](
+            out = ops.attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), real, dropout_p, self.scaling
             ).transpose(1, 2)  # (B, L, H, D)
         else:
             indices, cu_seqlens, max_seqlen = unpad
             packed = [t.reshape(batch * seqlen, heads, head_dim).index_select(0, indices) for t in (q, k, v)]
-            out = _OPS["attention_varlen"](*packed, cu_seqlens, max_seqlen, dropout_p, self.scaling)
-            out = _OPS["pad_input"](out, indices, batch, seqlen)  # (B, L, H, D)
+            out = ops.attention_varlen(*packed, cu_seqlens, max_seqlen, dropout_p, self.scaling)
+            out = ops.pad_input(out, indices, batch, seqlen)  # (B, L, H, D)
     return out.reshape(batch, seqlen, heads * head_dim), None
 
 
@@ -233,7 +212,7 @@ def _discriminator_predictions_forward(
     hidden, weight, bias = _linear_inputs(hidden, self.dense_prediction)
     mask = None if attention_mask is None else attention_mask.view(labels.shape)
     with _no_autocast(hidden.device):
-        return _OPS["rtd_loss"](hidden, weight, bias, labels, mask, return_logits=True)
+        return ops.rtd_loss(hidden, weight, bias, labels, mask, return_logits=True)
 
 
 def _hf_rtd_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -273,8 +252,8 @@ def _lm_head_forward(
     hidden, weight, bias = _linear_inputs(input, self)
     with _no_autocast(hidden.device):
         if return_logits:
-            return _OPS["mlm_loss"](hidden, weight, bias, labels, return_logits=True)
-        return _OPS["mlm_loss"](hidden, weight, bias, labels), None
+            return ops.mlm_loss(hidden, weight, bias, labels, return_logits=True)
+        return ops.mlm_loss(hidden, weight, bias, labels), None
 
 
 @can_return_tuple
@@ -352,25 +331,18 @@ def _attention_problem(config: Any, head_dim: int) -> str | None:
         return "decoder / cross-attention configs (is_decoder, add_cross_attention)"
     if getattr(config, "position_embedding_type", "absolute") != "absolute":
         return f"position_embedding_type={config.position_embedding_type!r} (only 'absolute')"
-    head_dims = _op("attention", "kernel")
-    supported = getattr(head_dims, "HEAD_DIMS", (32, 64, 128))
-    if head_dim not in supported:
-        return f"head dim {head_dim} (the kernel takes {tuple(supported)})"
+    if head_dim not in ATTENTION_HEAD_DIMS:
+        return f"head dim {head_dim} (the kernel takes {ATTENTION_HEAD_DIMS})"
     return None
 
 
 def _plan(model: nn.Module, flags: dict[str, Any]) -> tuple[list[tuple[nn.Module, Callable, dict]], list[str]]:
     """What to bind where, and what stays on transformers' path and why."""
-    have = {
-        "attention": "attention_varlen" in _OPS,
-        "gelu_linear": "gelu_linear" in _OPS,
-        "layer_norm": "dropout_add_layer_norm" in _OPS,
-    }
     config = model.config
     plan, skipped = [], []
 
     def gelu(activation: Any, where: str) -> str | None:
-        if not (flags["gelu_linear"] and have["gelu_linear"]):
+        if not flags["gelu_linear"]:
             return None
         approximate = _gelu_approximate(activation)
         if approximate is None:
@@ -378,7 +350,7 @@ def _plan(model: nn.Module, flags: dict[str, Any]) -> tuple[list[tuple[nn.Module
         return approximate
 
     def layer_norm() -> bool:
-        return bool(flags["layer_norm"] and have["layer_norm"])
+        return bool(flags["layer_norm"])
 
     def add(module: nn.Module, forward: Callable, **fused: Any) -> None:
         fused = {k: v for k, v in fused.items() if v}
@@ -386,7 +358,7 @@ def _plan(model: nn.Module, flags: dict[str, Any]) -> tuple[list[tuple[nn.Module
             plan.append((module, forward, fused))
 
     for module in model.modules():
-        if isinstance(module, _SELF_ATTENTION) and flags["attention"] and have["attention"]:
+        if isinstance(module, _SELF_ATTENTION) and flags["attention"]:
             problem = _attention_problem(config, module.attention_head_size)
             if problem:
                 skipped.append(f"attention: {problem}")
@@ -444,7 +416,6 @@ def patch(
     flags = {"attention": attention, "gelu_linear": gelu_linear, "layer_norm": layer_norm, "rtd_loss": rtd_loss,
              "mlm_loss": mlm_loss}
     unpatch(model)
-    _resolve_ops()
     plan, skipped = _plan(model, flags)
     for module, forward, fused in plan:
         _bind(module, forward, fused)

@@ -15,6 +15,7 @@ from ..kernels import attention as kernel
 from ._checks import check_dropout_p, check_float, check_like, check_shape, check_tensor
 from ._dispatch import philox_rng_state, use_kernel
 
+HEAD_DIMS = kernel.HEAD_DIMS  # what the kernel takes; other head dims run the reference
 _warned_head_dims: set[int] = set()
 
 
@@ -180,11 +181,11 @@ def _kernel_takes(q: torch.Tensor, op: str) -> bool:
     if not use_kernel(op, q.device):
         return False
     head_dim = q.shape[-1]
-    if head_dim in kernel.HEAD_DIMS:
+    if head_dim in HEAD_DIMS:
         return True
     if head_dim not in _warned_head_dims:
         _warned_head_dims.add(head_dim)
-        warnings.warn(f"electra_triton.ops.{op}: head dim {head_dim} is not one of {kernel.HEAD_DIMS}; running the "
+        warnings.warn(f"electra_triton.ops.{op}: head dim {head_dim} is not one of {HEAD_DIMS}; running the "
                       "PyTorch reference (slower, L x L memory)", stacklevel=3)
     return False
 
