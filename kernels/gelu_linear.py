@@ -32,7 +32,6 @@ checks), fp8.
 """
 
 import dataclasses
-import functools
 import itertools
 
 import torch
@@ -40,6 +39,7 @@ import triton
 import triton.language as tl
 
 from ._compile import TRITON_POINTER_TYPES, CompileTarget, specialized_target
+from ._launch import programs_per_device
 
 ACTIVATIONS = {"none": 1, "tanh": 2}  # F.gelu's `approximate` -> the kernels' ACTIVATION (0 = identity)
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
@@ -295,12 +295,6 @@ def grad_config(N: int) -> dict[str, int]:
     return {"BLOCK_N": block_n, "BLOCK_M": max(16, 4096 // block_n), "num_warps": 8, "num_stages": 2}
 
 
-@functools.cache
-def _programs_per_device(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
 
 def gelu_linear_backward(
     grad_y: torch.Tensor, z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, activation: int,
@@ -310,7 +304,7 @@ def gelu_linear_backward(
     M, N = z.shape
     config = grad_config(N)
     n_chunks = triton.cdiv(N, config["BLOCK_N"])
-    wanted_groups = max(1, _programs_per_device(z.device) // n_chunks)
+    wanted_groups = max(1, programs_per_device(z.device) // n_chunks)
     rows_per_program = triton.cdiv(triton.cdiv(max(M, 1), wanted_groups), config["BLOCK_M"]) * config["BLOCK_M"]
     n_groups = max(1, triton.cdiv(M, rows_per_program))
     dz = torch.empty_like(z)

@@ -17,13 +17,13 @@ rows of any stride with unit stride along the hidden dim (the op makes other lay
 inputs, fp32 statistics; output in the input dtype.
 """
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from ._compile import TRITON_POINTER_TYPES, CompileTarget, specialized_target
+from ._launch import programs_per_device
 
 MAX_HIDDEN = 16384
 
@@ -136,12 +136,6 @@ def launch_config(n_cols: int, backward: bool) -> dict[str, int]:
             "num_warps": min(16, max(4, block_m * block_n // (32 * per_thread))), "num_stages": 1}
 
 
-@functools.cache
-def _programs_per_device(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
 
 def dropout_add_layer_norm_forward(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -175,7 +169,7 @@ def dropout_add_layer_norm_backward(
     """grad_y (rows, N) with unit column stride -> (d_x, d_residual or None, d_weight or None, d_bias or None)."""
     n_rows, n_cols = x.shape
     config = launch_config(n_cols, backward=True)
-    rows_per_program = triton.cdiv(max(n_rows, 1), _programs_per_device(x.device))
+    rows_per_program = triton.cdiv(max(n_rows, 1), programs_per_device(x.device))
     rows_per_program = triton.cdiv(rows_per_program, config["BLOCK_M"]) * config["BLOCK_M"]
     n_groups = max(1, triton.cdiv(n_rows, rows_per_program))
     dx = torch.empty((n_rows, n_cols), device=x.device, dtype=x.dtype)

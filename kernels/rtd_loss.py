@@ -20,13 +20,13 @@ Supports fp32, fp16, bf16 hidden (fp32 accumulation always), any B, L, H, any st
 non-unit hidden stride along H works but loads uncoalesced), labels and mask of any integer, bool or float dtype.
 """
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from ._compile import TRITON_POINTER_TYPES, CompileTarget, specialized_target
+from ._launch import programs_per_device
 
 
 @triton.jit
@@ -130,12 +130,6 @@ def launch_config(hidden_size: int) -> dict[str, int]:
     return {"BLOCK_H": block_h, "BLOCK_M": max(16, 4096 // block_h), "num_warps": 8, "num_stages": 2}
 
 
-@functools.cache
-def _programs_per_device(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: few programs, each covering many rows
-
 
 def rtd_loss_forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
@@ -175,7 +169,7 @@ def rtd_loss_backward(
     n_rows = batch * seq_len
     config = launch_config(hidden_size)
     n_chunks = triton.cdiv(hidden_size, config["BLOCK_H"])
-    wanted_groups = max(1, _programs_per_device(hidden.device) // n_chunks)
+    wanted_groups = max(1, programs_per_device(hidden.device) // n_chunks)
     rows_per_program = triton.cdiv(max(n_rows, 1), wanted_groups)
     rows_per_program = triton.cdiv(rows_per_program, config["BLOCK_M"]) * config["BLOCK_M"]
     n_groups = max(1, triton.cdiv(n_rows, rows_per_program))
