@@ -28,7 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from .ops.attention import attention, attention_varlen
+from .ops.attention import attention, attention_varlen, pad_input, unpad_input
 
 NAME = "electra_triton"
 # Unpadding costs a gather of q, k, v and a scatter of the output per layer; attention saved grows with the padding.
@@ -65,13 +65,9 @@ def electra_triton_mask(
 
 def _unpadding_of(mask: torch.Tensor):
     if mask not in _unpadding:
-        real = mask.flatten()
-        n_real = int(real.sum().item())
-        if n_real <= (1.0 - VARLEN_PADDING_FRACTION) * real.numel():
-            seqlens = mask.sum(dim=1, dtype=torch.int32)
-            cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, 0, dtype=torch.int32), (1, 0))
-            indices = torch.nonzero(real, as_tuple=False).flatten()
-            _unpadding[mask] = (indices, cu_seqlens, int(seqlens.max().item()))
+        if int(mask.sum().item()) <= (1.0 - VARLEN_PADDING_FRACTION) * mask.numel():
+            _, indices, cu_seqlens, max_seqlen = unpad_input(mask[..., None], mask)
+            _unpadding[mask] = (indices, cu_seqlens, max_seqlen)
         else:
             _unpadding[mask] = None
     return _unpadding[mask]
@@ -108,8 +104,7 @@ def electra_triton_attention(
     packed = [t.transpose(1, 2).reshape(batch * seqlen, heads, head_dim).index_select(0, indices)
               for t in (query, key, value)]  # (total, H, D)
     out = attention_varlen(*packed, cu_seqlens, max_seqlen, dropout, scaling)
-    padded = out.new_zeros((batch * seqlen, heads, head_dim)).index_put((indices,), out)
-    return padded.reshape(batch, seqlen, heads, head_dim), None
+    return pad_input(out, indices, batch, seqlen), None  # (B, L, H, D)
 
 
 def register() -> None:
