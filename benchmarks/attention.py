@@ -16,7 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from electra_triton.ops import attention, attention_varlen
 
-from .common import Bench, markdown_table
+from .common import Bench, print_standalone
 
 OP = "attention"
 DROPOUT = 0.1
@@ -158,6 +158,4 @@ def run(bench: Bench) -> list[dict]:
 COLUMNS = ("impl", "case", "dtype", "pass", "ms", "tflops", "fraction_of_ceiling", "peak_mem_gb", "note")
 
 if __name__ == "__main__":
-    bench = Bench()
-    print(bench.ceilings)
-    print(markdown_table(run(bench), COLUMNS))
+    print_standalone(run, COLUMNS)

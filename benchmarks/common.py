@@ -158,3 +158,10 @@ def markdown_table(rows: list[dict], columns: Sequence[str]) -> str:
 def write_json(path: pathlib.Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def print_standalone(run: Callable[["Bench"], list[dict]], columns: Sequence[str]) -> None:
+    """`python -m benchmarks.<op>`: measure the ceilings, run one op's benchmark, print its table."""
+    bench = Bench()
+    print(bench.ceilings)
+    print(markdown_table(run(bench), columns))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from electra_triton.ops import gelu_linear
 
-from .common import Bench, forward_backward, markdown_table
+from .common import Bench, forward_backward, print_standalone
 
 # (K, N) of ELECTRA's GEMMs: FFN up/down projections of base and large, attention/heads (K = N), small's FFN.
 SHAPES = [(768, 3072), (3072, 768), (768, 768), (256, 1024), (1024, 256), (1024, 4096), (4096, 1024)]
@@ -66,6 +66,4 @@ def run(bench: Bench) -> list[dict]:
 COLUMNS = ("op", "impl", "case", "dtype", "pass", "ms", "tflops", "fraction_of_ceiling", "peak_mem_gb", "note")
 
 if __name__ == "__main__":
-    bench = Bench()
-    print(bench.ceilings)
-    print(markdown_table(run(bench), COLUMNS))
+    print_standalone(run, COLUMNS)

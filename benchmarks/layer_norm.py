@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from electra_triton.ops import dropout_add_layer_norm
 
-from .common import Bench, forward_backward, markdown_table
+from .common import Bench, forward_backward, print_standalone
 
 EPS = 1e-12
 
@@ -65,6 +65,4 @@ def run(bench: Bench) -> list[dict]:
 COLUMNS = ("op", "impl", "case", "dtype", "pass", "ms", "gbps", "fraction_of_ceiling")
 
 if __name__ == "__main__":
-    bench = Bench()
-    print(bench.ceilings)
-    print(markdown_table(run(bench), COLUMNS))
+    print_standalone(run, COLUMNS)

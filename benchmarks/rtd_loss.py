@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from electra_triton.ops import rtd_loss
 
-from .common import Bench, forward_backward, markdown_table
+from .common import Bench, forward_backward, print_standalone
 
 
 def hf_rtd_loss(hidden, weight, bias, labels, attention_mask):
@@ -51,6 +51,4 @@ def run(bench: Bench) -> list[dict]:
 COLUMNS = ("op", "impl", "case", "dtype", "pass", "ms", "gbps", "fraction_of_ceiling")
 
 if __name__ == "__main__":
-    bench = Bench()
-    print(bench.ceilings)
-    print(markdown_table(run(bench), COLUMNS))
+    print_standalone(run, COLUMNS)
