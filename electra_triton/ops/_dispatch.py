@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from ..tracing import host_side
+
 logger = logging.getLogger("electra_triton")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -69,6 +71,13 @@ def philox_rng_state(dropout_p: float) -> torch.Tensor:
     in a row differ. It stays a tensor up to the custom op, which reads the two ints inside its (opaque)
     implementation: reading them in traced code would break a torch.compile(fullgraph=True) graph.
     """
+    if torch.compiler.is_compiling():  # a graph holds no host bookkeeping
+        return _draw_rng_state(dropout_p)
+    with host_side():  # host data on a GPU run too: electra_triton.tracing counts neither op nor sync for it
+        return _draw_rng_state(dropout_p)
+
+
+def _draw_rng_state(dropout_p: float) -> torch.Tensor:
     if dropout_p == 0.0:
         return torch.zeros(2, dtype=torch.int64)
     return torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64)

@@ -1,0 +1,60 @@
+"""electra_triton.tracing: the op / host-sync counter that structural tests and the step anatomy build on."""
+
+import torch
+
+from electra_triton import ops
+from electra_triton.tracing import OpTrace, host_side
+
+
+def test_counts_device_ops_not_views():
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(8, 8)
+    with OpTrace() as trace:
+        y = (x @ w).view(2, 16).t()
+        y.sum().backward()
+    counts = trace.counts()
+    assert counts["aten::mm"] == 2  # forward, and dX in the backward
+    assert "aten::view" not in counts and "aten::t" not in counts
+    assert trace.device_ops == sum(counts.values())
+    assert any(r.name == "aten::view" and not r.is_device_op for r in trace.records)
+    assert trace.host_syncs == 0
+
+
+def test_counts_host_syncs():
+    x = torch.tensor([0.0, 1.0, 2.0])
+    with OpTrace() as trace:
+        x.sum().item()
+        x.nonzero()
+        bool(x.any())
+        x[x > 0]
+    assert trace.host_syncs >= 4, trace.sync_ops()
+    assert "aten::_local_scalar_dense" in trace.sync_ops() and "aten::nonzero" in trace.sync_ops()
+
+
+def test_host_side_work_is_neither_op_nor_sync():
+    with OpTrace() as trace:
+        with host_side():
+            seed = torch.randint(0, 100, (2,))
+        seed.tolist()
+    assert trace.device_ops == 0 and trace.host_syncs == 0
+
+
+def test_fused_op_is_one_record_and_its_rng_draw_is_host_side():
+    x, residual = torch.randn(6, 32), torch.randn(6, 32)
+    weight, bias = torch.ones(32), torch.zeros(32)
+    with OpTrace() as trace:
+        ops.dropout_add_layer_norm(x, residual, weight, bias, 1e-12, 0.1)
+    counts = trace.counts()
+    assert counts["electra_triton::dropout_add_layer_norm_forward"] == 1
+    assert trace.host_syncs == 0
+    assert "aten::randint" not in counts
+
+
+def test_scopes_tag_records():
+    trace = OpTrace()
+    with trace:
+        with trace.scope("layer0"):
+            torch.ones(3) + 1
+        torch.ones(3) * 2
+    scoped = [r.name for r in trace.records if r.scope == ("layer0",)]
+    assert "aten::add" in scoped and all(r.scope == () for r in trace.records if r.name == "aten::mul")
