@@ -14,10 +14,12 @@ from .gelu_linear import gelu_linear, gelu_linear_reference
 from .layer_norm import dropout_add_layer_norm, dropout_add_layer_norm_reference, dropout_add_layer_norm_with_mask
 from .mlm_loss import mlm_loss, mlm_loss_reference
 from .rtd_loss import rtd_loss, rtd_loss_reference
+from .unpad import UnpadPlan, unpad_plan
 
 __all__ = [
     "attention", "attention_reference", "attention_varlen", "attention_varlen_reference",
     "attention_with_dropout_mask", "pad_input", "unpad_input",
     "dropout_add_layer_norm", "dropout_add_layer_norm_reference", "dropout_add_layer_norm_with_mask",
     "gelu_linear", "gelu_linear_reference",
-    "get_kernel_mode", "mlm_loss", "mlm_loss_reference", "rtd_loss", "rtd_loss_reference", "set_kernel_mode"]
+    "get_kernel_mode", "mlm_loss", "mlm_loss_reference", "rtd_loss", "rtd_loss_reference", "set_kernel_mode",
+    "UnpadPlan", "unpad_plan"]
