@@ -31,7 +31,8 @@ from .data import (
     special_ids,
     train_tokenizer,
 )
-from .model import ElectraPretrainer, build_models, flops_per_token, linear_schedule, parameter_groups, peak_flops
+from .model import ElectraPretrainer, build_models, flops_per_token, peak_flops
+from .step import TrainStep, autocast_for, build_optimizer, build_scheduler
 
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
@@ -219,10 +220,9 @@ class Trainer:
                 self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
         else:
             self.wrapped = self.model
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           linear_schedule(cfg.warmup_steps, cfg.max_steps))
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
+                                         cfg.adam_eps, rt.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.max_steps)
         if state is not None:
             if cfg.fsdp:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -242,10 +242,9 @@ class Trainer:
         else:
             # Masking, sampling and dropout differ per rank; the weights were initialised identically above.
             torch.manual_seed(cfg.seed * 1000 + 1 + rt.rank)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if rt.device.type == "cuda" and cfg.precision in ("auto", "bf16")
-                         else torch.autocast("cpu", dtype=torch.bfloat16) if cfg.precision == "bf16"
-                         else contextlib.nullcontext())
+        self.train_step = TrainStep(self.wrapped, self.optimizer, self.scheduler, max_grad_norm=cfg.max_grad_norm,
+                                    autocast=autocast_for(rt.device, cfg.precision),
+                                    parameters=self.model.parameters())
         gen_cfg, disc_cfg = self.configs
         self.flops_per_token = flops_per_token(disc_cfg, gen_cfg, cfg.max_seq_len, cfg.mask_prob)
         self.peak = peak_flops(rt.device)
@@ -344,8 +343,6 @@ class Trainer:
     def _loop(self) -> int:
         cfg, rt = self.cfg, self.rt
         self.wrapped.train()
-        keys = ("loss", "mlm_loss", "rtd_loss", "mlm_correct", "mlm_count", "rtd_correct", "rtd_count")
-        window = torch.zeros(len(keys) + 1, device=rt.device, dtype=torch.float64)  # + micro-steps
         tokens_per_step = cfg.batch_size * cfg.max_seq_len * cfg.grad_accum * rt.world_size
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not rt.main, unit="step", dynamic_ncols=True,
                    desc="pretrain")
@@ -355,32 +352,14 @@ class Trainer:
         try:
             while self.step < cfg.max_steps:
                 lr = self.scheduler.get_last_lr()[0]
-                for micro in range(cfg.grad_accum):
-                    batch = {k: v.to(rt.device, non_blocking=True) for k, v in self.data.next_batch().items()}
-                    sync = micro == cfg.grad_accum - 1
-                    no_sync = self.wrapped.no_sync() if isinstance(
-                        self.wrapped, torch.nn.parallel.DistributedDataParallel) and not sync else \
-                        contextlib.nullcontext()
-                    if cfg.fsdp:
-                        self.wrapped.set_requires_gradient_sync(sync)
-                    with no_sync:
-                        with self.autocast:
-                            out = self.wrapped(**batch)
-                        (out["loss"] / cfg.grad_accum).backward()
-                    window += torch.stack([out[k].detach().double() for k in keys] + [window.new_ones(())])
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self.train_step([self.data.next_batch() for _ in range(cfg.grad_accum)])
                 self.step += 1
                 window_steps += 1
                 bar.update(1)
 
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    if rt.distributed:
-                        dist.all_reduce(window)
-                    values = dict(zip(keys, window.tolist(), strict=False))
-                    micro_steps = window[-1].item()
+                    values = self.train_step.read_metrics()  # the loop's one host sync, on logging steps only
+                    micro_steps = values["micro_steps"]
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
                     last = {
@@ -390,6 +369,7 @@ class Trainer:
                         "rtd_loss": values["rtd_loss"] / micro_steps,
                         "mlm_acc": values["mlm_correct"] / max(values["mlm_count"], 1),
                         "rtd_acc": values["rtd_correct"] / max(values["rtd_count"], 1),
+                        "grad_norm": values["grad_norm"],
                         "lr": lr,
                         "tokens_per_s": tokens_per_s,
                     }
@@ -402,7 +382,6 @@ class Trainer:
                     if metrics_file:
                         metrics_file.write(json.dumps(last) + "\n")
                         metrics_file.flush()
-                    window.zero_()
                     window_start, window_steps = time.perf_counter(), 0
 
                 stop = self._should_stop()
