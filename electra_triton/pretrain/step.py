@@ -104,8 +104,9 @@ class TrainStep:
                 (out["loss"] / count).backward()
             sums = [out[key].detach().to(torch.float64) for key in self.metric_keys]
             self.window.narrow(0, 0, len(sums) + 1).add_(torch.stack([*sums, self._one]))
-        # The norm stays a tensor: clipping scales by min(1, max_norm / norm) on the device, no .item().
-        norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
+        # The norm stays a tensor: clipping scales by min(1, max_norm / norm) on the device, no .item(). foreach:
+        # what CUDA picks anyway (a few multi-tensor kernels, not two per parameter), on every device.
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm, foreach=True)
         if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
             norm = norm.full_tensor()
         self.window.narrow(0, len(self.metric_keys) + 1, 2).add_(torch.stack([self._one, norm.detach().double()]))
