@@ -310,7 +310,10 @@ def run(preset: str, seq_len: int, batch_size: int, backends: Sequence[str] = BA
     for backend in backends:
         trace, model = trace_step(preset, seq_len, batch_size, backend, fill)
         entry = summarize(trace, backend)
-        analytic = flops_per_token(model.discriminator.config, model.generator.config, seq_len, model.mask_prob)
+        # The analytic count at the model's slot count (it takes (mask_prob + 0.005) * L slots per sequence, which
+        # the model rounds down to whole slots).
+        slot_share = model.num_slots / seq_len - 0.005
+        analytic = flops_per_token(model.discriminator.config, model.generator.config, seq_len, slot_share)
         entry["analytic_model_flops"] = analytic * batch_size * seq_len
         runs.append(entry)
     payload = {
