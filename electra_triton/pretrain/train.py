@@ -157,14 +157,16 @@ def prepare_tokenizer(cfg: PretrainConfig, runtime: Runtime, sources, say):
 
 
 def choose_packing(cfg: PretrainConfig, use_kernels: bool, plan: bool, say) -> bool:
-    """--packing auto: on, except with kernels whose encoder takes no unpad_plan (packed rows would then need a
-    block-diagonal mask, which the fused attention leaves to transformers' SDPA)."""
+    """--packing auto: on, except with kernels whose encoder takes no unpad_plan: their fused attention reads a 4D
+    mask as a key-padding mask, so a block-diagonal one cannot keep packed examples apart there."""
     if cfg.packing == "off":
         say("packing: off, one example per row (--packing off)")
         return False
-    if cfg.packing == "auto" and use_kernels and not plan:
-        say("packing: off: this encoder takes no unpad_plan, and a block-diagonal mask would leave the fused "
-            "attention (--packing on forces it)")
+    if use_kernels and not plan:
+        if cfg.packing == "on":
+            raise RunError("--packing on: these kernels' encoder takes no unpad_plan, so packed examples could not be "
+                           "kept apart; use --packing off (or auto), or --kernels reference")
+        say("packing: off: the kernels' encoder takes no unpad_plan here (--packing auto)")
         return False
     how = "cu_seqlens through the encoder's unpad_plan" if plan else "a block-diagonal attention mask"
     say(f"packing: on, several examples per row of {cfg.max_seq_len}, each attending to itself ({how})")
