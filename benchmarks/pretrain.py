@@ -11,10 +11,11 @@ LayerNorm, fused on CUDA, foreach elsewhere; the preset's learning-rate schedule
 device; metrics summed on the device, never read while timing; bf16 autocast with fp32 master weights on CUDA). The
 model is the project's ElectraPretrainer: HF ElectraForMaskedLM generator + ElectraForPreTraining discriminator with
 shared embeddings, 15 % masking into a fixed number of slots, the generator's LM head on the masked slots only,
-Gumbel-max sampling, loss = mlm + 50 * rtd. Batches come from the command's data pipeline (ExampleStream, with its
-packing and padding) on `--corpus` (default: the built-in stdlib corpus), drawn before timing; `--synthetic` replaces
-them with full rows of random tokens, and every result says which (`data`: "pipeline" or "synthetic"). Every backend
-runs the same weights (same seed), the same batches (rotated) and the same batch size:
+Gumbel-max sampling, loss = mlm + 50 * rtd. Batches come from the command's data pipeline (ExampleStream and Batcher:
+one example per row with its padding, or `--packing on` as the command packs them, with unpad plans for an encoder
+that takes them) on `--corpus` (default: the built-in stdlib corpus), drawn before timing; `--synthetic` replaces
+them with full rows of random tokens. Every result says which (`data`) and its `fill` (real tokens / slots). Every
+backend runs the same weights (same seed), the same batches (rotated) and the same batch size:
 
     hf-eager                 transformers with attn_implementation="eager"
     hf-sdpa                  transformers with attn_implementation="sdpa"
@@ -63,7 +64,14 @@ from electra_triton.ops._dispatch import KERNEL_MODES
 from electra_triton.presets import PRESETS
 from electra_triton.pretrain.config import BUILTIN_CORPUS, PretrainConfig
 from electra_triton.pretrain.data import ExampleStream, load_tokenizer, resolve_corpus, special_ids, train_tokenizer
-from electra_triton.pretrain.model import ElectraPretrainer, flops_per_token, peak_flops, share_embeddings
+from electra_triton.pretrain.model import (
+    ElectraPretrainer,
+    accepts_unpad_plan,
+    flops_per_token,
+    peak_flops,
+    share_embeddings,
+)
+from electra_triton.pretrain.packing import Batcher
 from electra_triton.pretrain.step import TrainStep, autocast_for, build_optimizer, build_scheduler, to_device
 
 from . import plots
@@ -95,11 +103,11 @@ def _config(fields: dict[str, Any], attn_implementation: str) -> ElectraConfig:
 
 
 class PretrainData:
-    """Where the pre-training batches come from: the production pipeline (a corpus and its tokenizer), or synthetic
-    full rows (`--synthetic`, labelled so in the results)."""
+    """Where the pre-training batches come from: the production pipeline (a corpus, its tokenizer, the command's
+    Batcher with or without packing), or synthetic full rows (`--synthetic`, labelled so in the results)."""
 
-    def __init__(self, sources: list[tuple[str, str]] | None = None, tokenizer=None):
-        self.sources, self.tokenizer = sources, tokenizer
+    def __init__(self, sources: list[tuple[str, str]] | None = None, tokenizer=None, packing: bool = False):
+        self.sources, self.tokenizer, self.packing = sources, tokenizer, packing
 
     @property
     def synthetic(self) -> bool:
@@ -107,7 +115,7 @@ class PretrainData:
 
     @property
     def label(self) -> str:
-        return "synthetic" if self.synthetic else "pipeline"
+        return "synthetic" if self.synthetic else "pipeline, packed" if self.packing else "pipeline"
 
     def special_ids(self) -> tuple[list[int], int]:
         """(special token ids, [MASK] id) of the batches' vocabulary."""
@@ -115,14 +123,16 @@ class PretrainData:
             return [PAD, CLS, SEP, MASK], MASK
         return special_ids(self.tokenizer), self.tokenizer.mask_token_id
 
-    def batches(self, vocab_size: int, batch_size: int, seq_len: int, count: int, seed: int) -> list[dict]:
+    def batches(self, vocab_size: int, batch_size: int, seq_len: int, count: int, seed: int, plan: bool = False
+                ) -> list[dict]:
+        """plan: packed batches carry an `unpad_plan` (for encoders that take one, as the command gives them)."""
         if self.synthetic:
             return synthetic_pretrain_batches(vocab_size, batch_size, seq_len, count, seed)
-        return pipeline_batches(self.sources, self.tokenizer, batch_size, seq_len, count, seed)
+        return pipeline_batches(self.sources, self.tokenizer, batch_size, seq_len, count, seed, self.packing, plan)
 
 
-def prepare_data(corpus: list[str] | None, tokenizer: str | None, tokenizer_docs: int, vocab_size: int
-                 ) -> PretrainData:
+def prepare_data(corpus: list[str] | None, tokenizer: str | None, tokenizer_docs: int, vocab_size: int,
+                 packing: bool = False) -> PretrainData:
     """The production pipeline's inputs: None corpus means synthetic batches. Without a tokenizer folder one is trained
     on the corpus, as `electra-triton pretrain` does (its vocabulary may come out smaller than the model's; ids stay
     in range and the padding is the pipeline's)."""
@@ -130,17 +140,20 @@ def prepare_data(corpus: list[str] | None, tokenizer: str | None, tokenizer_docs
         return PretrainData()
     sources = resolve_corpus(corpus)
     if tokenizer:
-        return PretrainData(sources, load_tokenizer(tokenizer))
-    return PretrainData(sources, train_tokenizer(sources, vocab_size, tokenizer_docs, model_max_length=512))
+        return PretrainData(sources, load_tokenizer(tokenizer), packing)
+    return PretrainData(sources, train_tokenizer(sources, vocab_size, tokenizer_docs, model_max_length=512), packing)
 
 
 def pipeline_batches(sources: list[tuple[str, str]], tokenizer, batch_size: int, seq_len: int, count: int,
-                     seed: int) -> list[dict]:
-    """Batches as `electra-triton pretrain` feeds them: its ExampleStream (packing, padding, shuffle buffer), drawn
-    ahead so that the timed steps do not wait for tokenization."""
+                     seed: int, packing: bool = False, plan: bool = False) -> list[dict]:
+    """Batches as `electra-triton pretrain` feeds them: its ExampleStream and Batcher (packing, padding, shuffle
+    buffer, unpad plans), drawn ahead so that the timed steps do not wait for tokenization."""
+    recipe = PretrainConfig()
     stream = ExampleStream(sources, tokenizer, seq_len, seed, rank=0, world_size=1,
-                           shuffle_buffer=PretrainConfig.shuffle_buffer)
-    return [stream.next_batch(batch_size) for _ in range(count)]
+                           shuffle_buffer=recipe.shuffle_buffer)
+    batcher = Batcher(stream, seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id, packing,
+                      recipe.mask_prob, plan=plan)
+    return [batcher.next_batch(batch_size) for _ in range(count)]
 
 
 def synthetic_pretrain_batches(vocab_size: int, batch_size: int, seq_len: int, count: int, seed: int
@@ -188,7 +201,7 @@ def finetune_flops(config: ElectraConfig, lengths: list[int]) -> float:
 
 
 def build_pretrainer(preset: str, attn_implementation: str, seq_len: int, specials: list[int] | None = None,
-                     mask_id: int = MASK) -> ElectraPretrainer:
+                     mask_id: int = MASK, packing: bool = False) -> ElectraPretrainer:
     """The pre-trainer `electra-triton pretrain` builds for `preset` (the preset's vocabulary size, the recipe's
     defaults), with the given attention implementation."""
     fields = PRESETS[preset]
@@ -199,7 +212,7 @@ def build_pretrainer(preset: str, attn_implementation: str, seq_len: int, specia
     recipe = PretrainConfig(preset=preset)
     return ElectraPretrainer(generator, discriminator, specials or [PAD, CLS, SEP, MASK], mask_id, recipe.mask_prob,
                              recipe.mask_token_prob, recipe.random_token_prob, recipe.rtd_weight, recipe.temperature,
-                             max_seq_len=seq_len)
+                             max_seq_len=seq_len, packing=packing)
 
 
 def production_step(model: torch.nn.Module, forward_module: torch.nn.Module, preset: str, device: torch.device,
@@ -262,7 +275,7 @@ def _record(task: str, preset: str, seq_len: int, batch_size: int, backend: str)
     return {"task": task, "preset": preset, "seq_len": seq_len, "batch_size": batch_size, "backend": backend,
             "status": None, "reason": None, "tokens_per_s": None, "step_ms": None, "step_ms_p20": None,
             "step_ms_p80": None, "step_ms_min": None, "step_ms_max": None, "mfu": None, "mfu_datasheet": None,
-            "peak_mem_gb": None, "flops_per_step": None, "tokens_per_step": None, "data": None}
+            "peak_mem_gb": None, "flops_per_step": None, "tokens_per_step": None, "data": None, "fill": None}
 
 
 def run_one(task: str, preset: str, seq_len: int, batch_size: int, backend: str, settings: dict) -> dict[str, Any]:
@@ -276,14 +289,21 @@ def run_one(task: str, preset: str, seq_len: int, batch_size: int, backend: str,
     try:
         if task == "pretrain":
             data: PretrainData = settings["data"]
-            model: torch.nn.Module = build_pretrainer(preset, attn, seq_len, *data.special_ids())
+            model: torch.nn.Module = build_pretrainer(preset, attn, seq_len, *data.special_ids(), packing=data.packing)
+            if patch:  # before drawing batches: whether they carry an unpad plan depends on the patched encoder
+                for module in (model.generator, model.discriminator):
+                    electra_triton.patch(module)
+            plan = patch and accepts_unpad_plan(model.generator)
+            if data.packing and patch and not plan:
+                return {**record, "status": "skipped", "reason": "packed rows need an encoder that takes unpad_plan "
+                        "(as `electra-triton pretrain --packing on` requires); this patch has none"}
             vocab = model.generator.config.vocab_size
-            batches = data.batches(vocab, batch_size, seq_len, settings["rotations"], settings["seed"])
+            batches = data.batches(vocab, batch_size, seq_len, settings["rotations"], settings["seed"], plan)
             record["data"] = data.label
             tokens = batch_size * seq_len
             flops = flops_per_token(model.discriminator.config, model.generator.config, seq_len, model.mask_prob)
             flops *= tokens
-            submodules = (model.generator, model.discriminator)
+            record["fill"] = statistics.mean(float(b["attention_mask"].float().mean()) for b in batches)
         else:
             config = _config({**PRESETS[preset]["discriminator"], "pad_token_id": PAD, "num_labels": 2}, attn)
             model = ElectraForSequenceClassification(config)
@@ -293,10 +313,8 @@ def run_one(task: str, preset: str, seq_len: int, batch_size: int, backend: str,
             lengths = [b["attention_mask"].sum(1).tolist() for b in batches]
             tokens = statistics.mean(sum(x) for x in lengths)
             flops = statistics.mean(finetune_flops(config, x) for x in lengths)
-            submodules = (model,)
-        if patch:
-            for module in submodules:
-                electra_triton.patch(module)
+            if patch:
+                electra_triton.patch(model)
         model.to(device).train()
         forward_module = torch.compile(model, backend=settings["compile_backend"]) if compile_ else model
         batches = [to_device(b, device) for b in batches]  # the copy to the device is not what is timed
@@ -418,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="tokenizer folder for the pipeline (default: train one on the corpus)")
     parser.add_argument("--tokenizer-docs", type=int, default=2000,
                         help="documents read to train that tokenizer (default 2000)")
+    parser.add_argument("--packing", choices=("off", "on"), default="off",
+                        help="the pipeline packs several examples per row, as `electra-triton pretrain --packing on` "
+                        "(default off: one example per row, padded, the same batches for every backend)")
     parser.add_argument("--synthetic", action="store_true",
                         help="synthetic full rows instead of the data pipeline (labelled data=synthetic in results)")
     parser.add_argument("--seed", type=int, default=0)
@@ -462,7 +483,7 @@ def _run(args: argparse.Namespace, device: torch.device, toy: bool) -> int:
     autocast = device.type == "cuda"
     vocab_size = max(PRESETS[preset]["discriminator"]["vocab_size"] for preset in args.presets) if args.presets else 0
     data = prepare_data(None if args.synthetic or not args.presets else args.corpus, args.tokenizer,
-                        args.tokenizer_docs, vocab_size)
+                        args.tokenizer_docs, vocab_size, args.packing == "on")
     settings = {"device": device, "seed": args.seed, "rotations": args.rotations, "warmup": args.warmup,
                 "steps": args.steps, "matmul_tflops": bench.ceilings["matmul_tflops"], "data": data,
                 "min_len": min(32, args.finetune_max_len),

@@ -137,8 +137,13 @@ def test_pretrain_times_the_production_step_on_pipeline_or_labelled_synthetic_ba
     assert all(b["input_ids"].equal(e["input_ids"]) for b, e in zip(batches, expected, strict=True))
     step(batches[:1])  # the step the benchmark would time is the production one: it trains
     assert step.read_metrics()["micro_steps"] == 1
+    assert 0 < run["fill"] <= 1
     synthetic = pretrain.run_one("pretrain", "tiny", 32, 2, "hf-sdpa", {**settings, "data": pretrain.PretrainData()})
     assert synthetic["data"] == "synthetic" and bool(timed[-1][1][0]["attention_mask"].all())
+    packed_data = pretrain.PretrainData(sources, data.tokenizer, packing=True)
+    packed = pretrain.run_one("pretrain", "tiny", 32, 2, "hf-sdpa", {**settings, "data": packed_data})
+    assert packed["data"] == "pipeline, packed" and "position_ids" in timed[-1][1][0]  # passed through to the model
+    assert packed["fill"] > run["fill"]
 
 
 def test_finetune_flops_count_real_tokens_only():
