@@ -19,6 +19,8 @@ batch itself stays real (OpTrace's fake mode computes ops on host data for real)
 every host sync that depends on the batch (mask checks, unpadding, boolean indexing) happens exactly as on a GPU.
 Fake tensors must sit on the CPU (this torch has no CUDA), so three GPU facts are set explicitly:
 - the fused ops take their kernel path (`ops._dispatch.kernel_path_for_tracing()`), as they do on CUDA tensors;
+- an encoder that takes an `unpad_plan` (the patched one) gets it with the batch, built on the CPU as the loader
+  builds it; stock transformers gets the padded batch;
 - autocast is bf16 (CPU autocast: its cast lists are close to, not identical with, CUDA's);
 - the library kernels CUDA picks are used where CPU dispatch differs: `F.scaled_dot_product_attention` is one fused
   attention op with FlashAttention-2 costs (CUDA's flash / memory-efficient kernels, not the CPU's math path), and
@@ -42,10 +44,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import electra_triton
 from electra_triton import op_costs
 from electra_triton.op_costs import OpCost, op_cost
-from electra_triton.ops import _dispatch
+from electra_triton.ops import _dispatch, unpad_plan
 from electra_triton.presets import PRESETS
 from electra_triton.pretrain.config import PretrainConfig
-from electra_triton.pretrain.model import ElectraPretrainer, flops_per_token
+from electra_triton.pretrain.model import ElectraPretrainer, accepts_unpad_plan, flops_per_token
 from electra_triton.pretrain.step import TrainStep, build_optimizer, build_scheduler
 from electra_triton.tracing import OpRecord, OpTrace
 
@@ -224,6 +226,8 @@ def trace_step(preset: str, seq_len: int, batch_size: int, backend: str, fill: f
                              max_grad_norm=recipe.max_grad_norm,
                              autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
         batch = anatomy_batch(model.generator.config.vocab_size, batch_size, seq_len, fill)
+        if accepts_unpad_plan(model.generator):  # as the loader gives it: built on the CPU, no device sync
+            batch["unpad_plan"] = unpad_plan(batch["attention_mask"])
         with _dispatch.kernel_path_for_tracing(), cuda_library_kernels():
             with OpTrace(fake):
                 step([batch])

@@ -8,7 +8,7 @@ import torch
 from test_pretrain_model import CLS, MASK, PAD, SEP, _batch, _Tokenizer
 
 import electra_triton
-from electra_triton.pretrain.model import ElectraPretrainer, build_models
+from electra_triton.pretrain.model import ElectraPretrainer, accepts_unpad_plan, build_models
 from electra_triton.pretrain.step import (
     PRETRAIN_METRICS,
     TrainStep,
@@ -149,10 +149,14 @@ def test_step_runs_the_pretrainer_and_counts_its_metrics():
                    "gathers its rows with nonzero: zero once issue 12 (integration12, an UnpadPlan from the loader) "
                    "and the fused generator head (genhead13) are merged; then remove this mark")
 def test_whole_patched_step_takes_no_host_sync():
+    # The configuration meant to run sync-free: patched models, a padded batch with the unpad plan the loader builds
+    # on the CPU (when the patched encoder takes one).
     model = _pretrainer(patched=True)
     step = _pretrain_step(model)
     ids, mask = _batch(B=2, L=16)
     batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    if accepts_unpad_plan(model.generator):
+        batch["unpad_plan"] = electra_triton.ops.unpad_plan(mask)
     step([batch])
     with OpTrace() as trace:
         step([batch])
