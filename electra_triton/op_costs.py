@@ -94,33 +94,41 @@ def _fused_adam_cost(record: OpRecord) -> OpCost:
 # ------------------------------------------------------------------------------------- declared: electra_triton ops
 
 
-def _attention_flops(q: TensorMeta, cu_seqlens: TensorMeta | None, max_seqlen: int) -> float:
-    """QK^T and PV: 4 * heads * head_dim per (query, key) pair of a sequence."""
+def _attention_flops(args: dict[str, Any]) -> float:
+    """QK^T and PV: 4 * heads * head_dim per (query, key) pair of a sequence. q is (B, H, L, D) or varlen (T, H, D);
+    a packed qkv is (B, L, 3, H, D) or varlen (T, 3, H, D)."""
+    cu_seqlens, max_seqlen = args["cu_seqlens"], args["max_seqlen"]
+    if "qkv" in args:
+        *leading, _, heads, head_dim = args["qkv"].shape
+    else:
+        *leading, heads, head_dim = args["q"].shape if cu_seqlens is not None else (
+            args["q"].shape[0], args["q"].shape[2], args["q"].shape[1], args["q"].shape[3])
     if cu_seqlens is None:
-        batch, heads, seqlen, head_dim = q.shape
-        return 4.0 * batch * heads * seqlen * seqlen * head_dim
-    _, heads, head_dim = q.shape
-    if cu_seqlens.values is not None:  # the boundaries are host data in a fake trace: exact
+        batch, seqlen = leading
+        pairs = batch * seqlen * seqlen
+    elif cu_seqlens.values is not None:  # the boundaries are host data in a fake trace: exact
         pairs = sum((end - start) ** 2 for start, end in zip(cu_seqlens.values, cu_seqlens.values[1:], strict=False))
     else:  # an upper bound: every token attends to max_seqlen keys
-        pairs = q.shape[0] * max_seqlen
+        pairs = leading[0] * max_seqlen
     return 4.0 * heads * head_dim * pairs
 
 
+def _attention_dtype(args: dict[str, Any]) -> str:
+    return _dtype_name(args["qkv"] if "qkv" in args else args["q"])
+
+
 def _attention_forward(record: OpRecord) -> OpCost:
-    args = record.arguments
-    flops = _attention_flops(args["q"], args["cu_seqlens"], args["max_seqlen"])
+    flops = _attention_flops(record.arguments)
     read, written = _io(record)
-    return OpCost(flops, flops, read, written, 1, attention=True, matmul_dtype=_dtype_name(args["q"]))
+    return OpCost(flops, flops, read, written, 1, attention=True, matmul_dtype=_attention_dtype(record.arguments))
 
 
 def _attention_backward(record: OpRecord) -> OpCost:
     # Three kernels (delta preprocess, dK/dV, dQ); dK/dV and dQ each recompute P: 7 matmuls against the forward's 2.
-    args = record.arguments
-    forward = _attention_flops(args["q"], args["cu_seqlens"], args["max_seqlen"])
+    forward = _attention_flops(record.arguments)
     read, written = _io(record)
     return OpCost(3.5 * forward, 2.0 * forward, read, written, 3, attention=True,
-                  matmul_dtype=_dtype_name(args["q"]))
+                  matmul_dtype=_attention_dtype(record.arguments))
 
 
 def _gelu_linear_forward(record: OpRecord) -> OpCost:
@@ -188,6 +196,8 @@ def _rtd_loss_backward(record: OpRecord) -> OpCost:
 DECLARED: dict[str, Callable[[OpRecord], OpCost]] = {
     "electra_triton::attention_forward": _attention_forward,
     "electra_triton::attention_backward": _attention_backward,
+    "electra_triton::attention_qkvpacked_forward": _attention_forward,
+    "electra_triton::attention_qkvpacked_backward": _attention_backward,
     "electra_triton::gelu_linear_forward": _gelu_linear_forward,
     "electra_triton::gelu_linear_backward": _gelu_linear_backward,
     "electra_triton::dropout_add_layer_norm_forward": _row_kernels(1),

@@ -153,6 +153,15 @@ def _arguments(func, args: tuple, kwargs: dict) -> tuple[dict[str, Any], list[to
     return named, written
 
 
+def _indexing_syncs(name: str, arguments: dict[str, Any]) -> bool:
+    """Indexing (`x[i]`, `x[i] = y`) waits for the device only with a boolean mask (its nonzero sets the shape);
+    integer index tensors do not. Other ops: True."""
+    indices = arguments.get("indices")
+    if not name.startswith("aten::index") or not isinstance(indices, list):
+        return True
+    return any(isinstance(index, TensorMeta) and index.dtype in (torch.bool, torch.uint8) for index in indices)
+
+
 class OpTrace(TorchDispatchMode):
     """Records every op dispatched while active (see the module docstring)."""
 
@@ -229,10 +238,10 @@ class OpTrace(TorchDispatchMode):
             for tensor in out_tensors:
                 setattr(tensor, _HOST_ATTRIBUTE, True)
         device_inputs = [t for t in in_tensors if not _is_host(t)]
-        sync = not on_host and bool(device_inputs) and (
-            name in _SYNC_OPS or any(tag in func.tags for tag in _SYNC_TAGS))
-        is_view = bool(getattr(func, "is_view", False))
         arguments, written = _arguments(func, args, kwargs)
+        sync = not on_host and bool(device_inputs) and (
+            name in _SYNC_OPS or any(tag in func.tags for tag in _SYNC_TAGS)) and _indexing_syncs(name, arguments)
+        is_view = bool(getattr(func, "is_view", False))
         returned = {id(t) for t in out_tensors}
         scope, backward = self._current_scope()
         self.records.append(OpRecord(name, func, inputs, outputs, is_view, on_host, sync, scope, arguments,

@@ -91,3 +91,14 @@ def test_fake_run_keeps_host_data_real():
     assert any(r.estimated for r in trace.records if r.name == "aten::index")  # fake values stood in by zeros
     summed = next(r for r in trace.records if r.name == "aten::sum" and r.arguments.get("dim") == [1])
     assert summed.outputs[0].values == (3, 2)  # small host-side integer results are recorded with their values
+
+
+def test_integer_indexing_is_no_sync_but_a_boolean_mask_is():
+    x, index = torch.randn(6, 3), torch.tensor([0, 2, 2])
+    with OpTrace() as trace:
+        x[index]
+        x[index] = 1.0
+    assert trace.host_syncs == 0, trace.sync_ops()
+    with OpTrace() as trace:
+        x[x[:, 0] > 0]
+    assert trace.sync_ops() == ["aten::index"]
