@@ -16,7 +16,7 @@ import electra_triton  # noqa: E402,F401  (registers the fused ops)
 from benchmarks import anatomy, roofline  # noqa: E402
 from electra_triton import op_costs  # noqa: E402
 from electra_triton.ops import _dispatch  # noqa: E402
-from electra_triton.tracing import OpTrace  # noqa: E402
+from electra_triton.tracing import OpRecord, OpTrace, TensorMeta  # noqa: E402
 
 RUN_KEYS = {"backend", "projected_step_ms", "projected_step_ms_h200", "host_syncs", "device_ops", "flops",
             "model_flops", "bytes", "layers", "parts", "generator_head", "label"}
@@ -71,6 +71,30 @@ def test_elementwise_and_in_place_bytes():
     costs = [op_costs.op_cost(r) for r in trace.records if r.is_device_op]
     assert (costs[0].bytes_read, costs[0].bytes_written) == (x.nbytes, x.nbytes)
     assert (costs[1].bytes_read, costs[1].bytes_written) == (0, x.nbytes) and costs[0].flops == 0
+
+
+def _record(name: str, **arguments) -> OpRecord:
+    return OpRecord(name, None, [], [], False, False, False, (), arguments)
+
+
+def test_attention_costs_agree_across_layouts():
+    batch, heads, seqlen, head_dim = 2, 4, 16, 32
+    common = {"mask": None, "max_seqlen": seqlen, "scale": 0.1, "dropout_p": 0.0, "rng": None}
+    def meta(*shape: int, values: tuple[int, ...] | None = None) -> TensorMeta:
+        return TensorMeta(shape, torch.int32 if len(shape) == 1 else torch.bfloat16, "cpu", values)
+
+    padded = op_costs.op_cost(_record("electra_triton::attention_forward", q=meta(batch, heads, seqlen, head_dim),
+                                      cu_seqlens=None, **common))
+    packed = op_costs.op_cost(_record("electra_triton::attention_qkvpacked_forward",
+                                      qkv=meta(batch, seqlen, 3, heads, head_dim), cu_seqlens=None, **common))
+    assert padded.flops == packed.flops == 4 * batch * heads * seqlen * seqlen * head_dim
+    # Varlen: two sequences of 10 and 6 tokens attend within themselves; known boundaries count exactly.
+    varlen = op_costs.op_cost(_record("electra_triton::attention_qkvpacked_backward", qkv=meta(16, 3, heads, head_dim),
+                                      cu_seqlens=meta(3, values=(0, 10, 16)), **common))
+    assert varlen.model_flops == 2 * 4 * heads * head_dim * (10 * 10 + 6 * 6) and varlen.flops > varlen.model_flops
+    bound = op_costs.op_cost(_record("electra_triton::attention_forward", q=meta(16, heads, head_dim),
+                                     cu_seqlens=meta(3), **common))
+    assert bound.flops == 4 * heads * head_dim * 16 * seqlen  # boundaries unknown: every token sees max_seqlen keys
 
 
 def test_every_fused_op_declares_its_cost():

@@ -107,7 +107,7 @@ def test_compiled_backend_runs():
 
 
 def test_pretrain_records_oom_and_errors_and_goes_on(monkeypatch):
-    def fail(preset, attn, seq_len, *specials):
+    def fail(preset, attn, seq_len, *specials, **options):
         if attn == "eager":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         raise RuntimeError("compile failed")
