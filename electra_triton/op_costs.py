@@ -179,6 +179,30 @@ def _mlm_loss_forward(record: OpRecord) -> OpCost:
                   matmul_dtype=_dtype_name(hidden))
 
 
+def _generator_head_forward(record: OpRecord) -> OpCost:
+    # The fused generator head (ops.generator_head): one logits GEMM, then one pass per row reading the logits and
+    # writing the loss, sample, argmax and, in place, the logits' gradient, which the backward's two GEMMs (traced as
+    # aten::mm) read. Past its memory budget it chunks the rows and folds each chunk's two gradient GEMMs into the
+    # forward, with an fp32 read-modify-write of the weight gradient per chunk.
+    args = record.arguments
+    hidden, weight = args["hidden"], args["weight"]
+    rows, (vocab, width) = hidden.shape[0], weight.shape
+    element = hidden.nbytes // max(1, _numel(hidden))
+    logits = rows * vocab * element
+    outputs_written = sum(meta.nbytes for meta in record.outputs)
+    in_place = len(record.outputs) > 4 and _numel(record.outputs[4]) > 0  # dlogits returned: one chunk
+    if in_place or not args["compute_grad"]:
+        flops = 2.0 * rows * vocab * width
+        read = hidden.nbytes + weight.nbytes + _nbytes(args["labels"]) + logits  # the row pass reads the logits
+        written = logits + outputs_written  # the GEMM writes the logits; the pass overwrites them with dlogits
+        return OpCost(flops, flops, read, written, 4, matmul_dtype=_dtype_name(hidden))
+    chunks = max(1, math.ceil(logits / 2**30))  # the kernel's budget: a chunk's logits stay within 1 GiB
+    flops = 6.0 * rows * vocab * width
+    read = chunks * 2 * weight.nbytes + 2 * hidden.nbytes + 2 * logits + chunks * vocab * width * 4
+    written = 2 * logits + chunks * vocab * width * 4 + outputs_written
+    return OpCost(flops, flops, read, written, chunks * 4 + 2, matmul_dtype=_dtype_name(hidden))
+
+
 def _rtd_loss_forward(record: OpRecord) -> OpCost:
     hidden = record.arguments["hidden"]
     flops = 2.0 * _numel(hidden)  # the (H -> 1) projection of every token
@@ -203,6 +227,7 @@ DECLARED: dict[str, Callable[[OpRecord], OpCost]] = {
     "electra_triton::dropout_add_layer_norm_forward": _row_kernels(1),
     "electra_triton::dropout_add_layer_norm_backward": _row_kernels(2),  # rows, then the dW/dB column sums
     "electra_triton::mlm_loss_forward": _mlm_loss_forward,
+    "electra_triton::generator_head_forward": _generator_head_forward,
     "electra_triton::rtd_loss_forward": _rtd_loss_forward,
     "electra_triton::rtd_loss_backward": _rtd_loss_backward,
     "aten::_fused_adamw_": _fused_adam_cost,

@@ -97,6 +97,23 @@ def test_attention_costs_agree_across_layouts():
     assert bound.flops == 4 * heads * head_dim * 16 * seqlen  # boundaries unknown: every token sees max_seqlen keys
 
 
+def test_generator_head_cost_one_gemm_in_budget_three_when_chunked():
+    rows, vocab, width = 64, 1000, 32
+    hidden, weight = TensorMeta((rows, width), torch.bfloat16, "cpu"), TensorMeta((vocab, width), torch.bfloat16, "cpu")
+    args = {"hidden": hidden, "weight": weight, "bias": None, "labels": TensorMeta((rows,), torch.int64, "cpu"),
+            "ignore_index": -100, "temperature": 1.0, "rng": None, "compute_grad": True}
+    scalar, ids = TensorMeta((), torch.float32, "cpu"), TensorMeta((rows,), torch.int64, "cpu")
+    empty = TensorMeta((0,), torch.bfloat16, "cpu")
+    one_pass = _record("electra_triton::generator_head_forward", **args)
+    one_pass.outputs = [scalar, scalar, ids, ids, TensorMeta((rows, vocab), torch.bfloat16, "cpu"), empty, empty, empty]
+    chunked = _record("electra_triton::generator_head_forward", **args)
+    chunked.outputs = [scalar, scalar, ids, ids, empty, hidden, TensorMeta((vocab, width), torch.float32, "cpu"), empty]
+    single, folded = op_costs.op_cost(one_pass), op_costs.op_cost(chunked)
+    assert single.flops == 2 * rows * vocab * width and folded.flops == 3 * single.flops
+    logits = rows * vocab * 2
+    assert single.bytes >= weight.nbytes + 3 * logits and not single.host_sync
+
+
 def test_every_fused_op_declares_its_cost():
     fused = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("electra_triton::")]
     assert fused, "no electra_triton custom op registered"
