@@ -263,7 +263,7 @@ def _totals(items: list[tuple[OpRecord, OpCost]]) -> dict[str, Any]:
 
 
 def summarize(trace: OpTrace, backend: str) -> dict[str, Any]:
-    """One run's entry of anatomy.json (times PROJECTED, in ms)."""
+    """One run's entry of anatomy.json (times PROJECTED: ms, and us for each op of `ops`, in execution order)."""
     priced = [(record, op_cost(record)) for record in trace.records]
     first_backward = next((i for i, (r, _) in enumerate(priced) if r.backward), len(priced))
     parts: dict[str, list] = defaultdict(list)
@@ -294,6 +294,11 @@ def summarize(trace: OpTrace, backend: str) -> dict[str, Any]:
     head = next((entry for entry in breakdown if entry["part"] == GENERATOR_HEAD), None)
     uncosted = sorted({r.name for r, _ in priced if r.is_device_op and "::" in r.name
                        and not r.name.startswith("aten::") and r.name not in op_costs.DECLARED})
+    ops = [{"op": record.name, "part": _part(record, index > first_backward), "backward": record.backward,
+            "flops": cost.flops, "bytes_read": cost.bytes_read, "bytes_written": cost.bytes_written,
+            "kernels": cost.kernels, "host_sync": cost.host_sync,
+            "projected_us": roofline.op_time_us(cost, roofline.H100)}
+           for index, (record, cost) in enumerate(priced) if record.is_device_op or cost.host_sync]
     return {
         "backend": backend, "label": roofline.LABEL,
         "projected_step_ms": totals["projected_ms"], "projected_step_ms_h200": totals["projected_ms_h200"],
@@ -301,7 +306,7 @@ def summarize(trace: OpTrace, backend: str) -> dict[str, Any]:
         "device_ops": totals["device_ops"], "kernels": totals["kernels"], "flops": totals["flops"],
         "model_flops": totals["model_flops"], "bytes": totals["bytes"],
         "layers": layers, "parts": breakdown, "generator_head": head, "top_ops": top[:25],
-        "estimated_records": sum(r.estimated for r in trace.records), "uncosted_ops": uncosted,
+        "estimated_records": sum(r.estimated for r in trace.records), "uncosted_ops": uncosted, "ops": ops,
     }
 
 

@@ -134,6 +134,9 @@ def test_json_schema_and_projected_labels(written):
         assert run["generator_head"]["part"] == anatomy.GENERATOR_HEAD
         assert sum(part["projected_ms"] for part in run["parts"]) == pytest.approx(run["projected_step_ms"])
         assert run["uncosted_ops"] == []
+        assert len(run["ops"]) >= run["device_ops"] and sum(op["host_sync"] for op in run["ops"]) == run["host_syncs"]
+        assert sum(op["projected_us"] for op in run["ops"]) / 1e3 == pytest.approx(run["projected_step_ms"])
+        assert sum(op["bytes_read"] + op["bytes_written"] for op in run["ops"]) == pytest.approx(run["bytes"])
     assert payload["runs"][0]["step_vs_hf_sdpa"] == 1.0
     assert markdown.startswith("# Step anatomy") and "**PROJECTED**" in markdown
     header = next(line for line in markdown.splitlines() if line.startswith("| backend"))
