@@ -217,6 +217,12 @@ def _rtd_loss_backward(record: OpRecord) -> OpCost:
     return OpCost(flops, flops, read, written, 2)
 
 
+def _unpad_plan_of_mask(record: OpRecord) -> OpCost:
+    # ops.unpad_plan as one op for compiled code (integration12): nonzero of the mask (a host sync), row sums, cumsum.
+    read, written = _io(record)
+    return OpCost(bytes_read=read, bytes_written=written, kernels=3, host_sync=True)
+
+
 DECLARED: dict[str, Callable[[OpRecord], OpCost]] = {
     "electra_triton::attention_forward": _attention_forward,
     "electra_triton::attention_backward": _attention_backward,
@@ -228,6 +234,7 @@ DECLARED: dict[str, Callable[[OpRecord], OpCost]] = {
     "electra_triton::dropout_add_layer_norm_backward": _row_kernels(2),  # rows, then the dW/dB column sums
     "electra_triton::mlm_loss_forward": _mlm_loss_forward,
     "electra_triton::generator_head_forward": _generator_head_forward,
+    "electra_triton::unpad_plan_of_mask": _unpad_plan_of_mask,
     "electra_triton::rtd_loss_forward": _rtd_loss_forward,
     "electra_triton::rtd_loss_backward": _rtd_loss_backward,
     "aten::_fused_adamw_": _fused_adam_cost,

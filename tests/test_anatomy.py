@@ -114,6 +114,14 @@ def test_generator_head_cost_one_gemm_in_budget_three_when_chunked():
     assert single.bytes >= weight.nbytes + 3 * logits and not single.host_sync
 
 
+def test_compiled_unpad_plan_op_is_a_declared_sync():
+    mask = TensorMeta((4, 16), torch.int64, "cpu")
+    record = _record("electra_triton::unpad_plan_of_mask", attention_mask=mask)
+    record.outputs = [TensorMeta((50,), torch.int64, "cpu"), TensorMeta((5,), torch.int32, "cpu")]
+    cost = op_costs.op_cost(record)
+    assert cost.host_sync and cost.bytes == mask.nbytes + 50 * 8 + 5 * 4 and cost.flops == 0
+
+
 def test_every_fused_op_declares_its_cost():
     fused = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("electra_triton::")]
     assert fused, "no electra_triton custom op registered"
