@@ -2,6 +2,7 @@
 the optimizer ELECTRA uses, gradient clipping on the device."""
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -162,3 +163,24 @@ def test_whole_patched_step_takes_no_host_sync():
         step([batch])
     assert trace.host_syncs == 0, trace.sync_ops()
 
+
+
+def test_pretrain_loop_reads_metrics_on_logging_steps_only(tmp_path, monkeypatch):
+    from test_pretrain_data import micro_config
+
+    from electra_triton.pretrain import train
+
+    reads = []
+    read_metrics = TrainStep.read_metrics
+
+    def counting(self):
+        values = read_metrics(self)
+        reads.append(values["steps"])
+        return values
+
+    monkeypatch.setattr(TrainStep, "read_metrics", counting)
+    assert train.run(micro_config(tmp_path, max_steps=5, log_every=2, save_every=10)) == 0
+    assert reads == [2, 2, 1]  # steps 2 and 4, then the last: the window holds the steps since the previous read
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    metrics = [json.loads(line) for line in lines]
+    assert [m["step"] for m in metrics] == [2, 4, 5] and all(m["grad_norm"] > 0 for m in metrics)
