@@ -10,9 +10,10 @@ A `TorchDispatchMode` sees each op once, below autograd (so the backward is incl
 Views and metadata queries are recorded but not counted as device ops: they launch nothing.
 
 A host synchronisation is an op whose result the host must wait for: a data-dependent scalar (`.item()`, `bool(t)`,
-`torch.equal`) or a data-dependent output shape (`nonzero`, boolean-mask indexing), on a tensor that would live on
-the GPU. Work that stays on the host on a GPU run too (the fused ops draw their RNG seed into a small CPU tensor) is
-declared with `host_side()`: its ops are neither device ops nor syncs, and reading the tensors it made is no sync.
+`torch.equal`), a data-dependent output shape (`nonzero`, boolean-mask indexing), on a tensor that would live on
+the GPU, or a blocking copy from the GPU into host memory (`.cpu()`, `.tolist()`; seen only on a GPU run). Work that
+stays on the host on a GPU run too (the fused ops draw their RNG seed into a small CPU tensor) is declared with
+`host_side()`: its ops are neither device ops nor syncs, and reading the tensors it made is no sync.
 
 Scopes name where an op ran: `trace.scope(name)` or `trace.module_scopes({name: module})` (forward hooks). An op of
 the backward pass gets the scope its forward op had: the autograd node that runs it carries the sequence number
@@ -162,6 +163,16 @@ def _indexing_syncs(name: str, arguments: dict[str, Any]) -> bool:
     return any(isinstance(index, TensorMeta) and index.dtype in (torch.bool, torch.uint8) for index in indices)
 
 
+def _blocking_copy_to_host(name: str, arguments: dict[str, Any], outputs: list[TensorMeta]) -> bool:
+    """A copy from a GPU tensor into host memory that is not non_blocking (`.cpu()`, `.tolist()`, `.numpy()`): the
+    host waits for it."""
+    if name not in ("aten::_to_copy", "aten::copy_") or arguments.get("non_blocking"):
+        return False
+    source = arguments.get("self" if name == "aten::_to_copy" else "src")
+    return isinstance(source, TensorMeta) and source.device not in ("cpu", "meta") and any(
+        out.device == "cpu" for out in outputs)
+
+
 class OpTrace(TorchDispatchMode):
     """Records every op dispatched while active (see the module docstring)."""
 
@@ -239,8 +250,9 @@ class OpTrace(TorchDispatchMode):
                 setattr(tensor, _HOST_ATTRIBUTE, True)
         device_inputs = [t for t in in_tensors if not _is_host(t)]
         arguments, written = _arguments(func, args, kwargs)
-        sync = not on_host and bool(device_inputs) and (
+        sync = not on_host and bool(device_inputs) and ((
             name in _SYNC_OPS or any(tag in func.tags for tag in _SYNC_TAGS)) and _indexing_syncs(name, arguments)
+            or _blocking_copy_to_host(name, arguments, outputs))
         is_view = bool(getattr(func, "is_view", False))
         returned = {id(t) for t in out_tensors}
         scope, backward = self._current_scope()

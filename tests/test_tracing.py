@@ -102,3 +102,17 @@ def test_integer_indexing_is_no_sync_but_a_boolean_mask_is():
     with OpTrace() as trace:
         x[x[:, 0] > 0]
     assert trace.sync_ops() == ["aten::index"]
+
+
+def test_blocking_copies_from_the_gpu_are_syncs():
+    from electra_triton.tracing import TensorMeta, _blocking_copy_to_host
+
+    gpu, cpu = TensorMeta((4,), torch.float32, "cuda"), TensorMeta((4,), torch.float32, "cpu")
+    assert _blocking_copy_to_host("aten::_to_copy", {"self": gpu, "non_blocking": False}, [cpu])
+    assert _blocking_copy_to_host("aten::copy_", {"self": cpu, "src": gpu, "non_blocking": False}, [cpu])
+    assert not _blocking_copy_to_host("aten::_to_copy", {"self": gpu, "non_blocking": True}, [cpu])  # pinned, async
+    assert not _blocking_copy_to_host("aten::_to_copy", {"self": cpu, "non_blocking": False}, [gpu])  # host to GPU
+    assert not _blocking_copy_to_host("aten::_to_copy", {"self": cpu}, [cpu])
+    with OpTrace() as trace:
+        torch.ones(3).to(torch.float64).tolist()  # on the CPU: no device to wait for
+    assert trace.host_syncs == 0
