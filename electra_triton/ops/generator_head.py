@@ -132,17 +132,14 @@ def _autograd_backward(ctx, grad_loss, *_):
     wants_hidden, wants_weight, wants_bias = ctx.needs_input_grad[:3]
     wants_bias = wants_bias and ctx.has_bias
     if grad_hidden.numel() or grad_weight.numel():  # chunked: the forward folded each chunk's gradient in already
-        d_hidden, d_weight, d_bias = grad_hidden, grad_weight, grad_bias
-    else:  # the two GEMMs over the logits' gradient left in place by the kernel
-        d_hidden = dlogits @ weight if wants_hidden else None
-        d_weight = dlogits.T @ hidden if wants_weight else None
-        d_bias = dlogits.sum(dim=0, dtype=torch.float32) if wants_bias else None
-    return (
-        _scaled(d_hidden, scale, hidden.dtype) if wants_hidden else None,
-        _scaled(d_weight, scale, weight.dtype) if wants_weight else None,
-        _scaled(d_bias, scale, weight.dtype) if wants_bias else None,
-        None, None, None, None, None,
-    )
+        d_hidden = _scaled(grad_hidden, scale, hidden.dtype) if wants_hidden else None
+        d_weight = _scaled(grad_weight, scale, weight.dtype) if wants_weight else None
+        d_bias = _scaled(grad_bias, scale, weight.dtype) if wants_bias else None
+    else:  # the two GEMMs over the logits' gradient left in place by the kernel; the scale goes on the small sides
+        d_hidden = _scaled(dlogits @ weight, scale, hidden.dtype) if wants_hidden else None
+        d_weight = dlogits.T @ _scaled(hidden, scale, hidden.dtype) if wants_weight else None
+        d_bias = _scaled(dlogits.sum(dim=0, dtype=torch.float32), scale, weight.dtype) if wants_bias else None
+    return d_hidden, d_weight, d_bias, None, None, None, None, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)

@@ -45,13 +45,15 @@ def _forward(
         return loss, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
     dlogits = out["dlogits"]
     if dlogits is not None:  # one chunk: the two gradient GEMMs now (this op's rows are known only here)
-        grad_active, grad_weight = dlogits @ weight, dlogits.T @ hidden_active
+        grad_active = dlogits @ weight
+        grad_weight = dlogits.T @ (hidden_active.float() * scale).to(hidden.dtype)  # the scale on the small side
         grad_bias = dlogits.sum(dim=0, dtype=torch.float32) if bias is not None else None
     else:
-        grad_active, grad_weight, grad_bias = out["grad_hidden"], out["grad_weight"], out["grad_bias"]
+        grad_active, grad_bias = out["grad_hidden"], out["grad_bias"]
+        grad_weight = (out["grad_weight"] * scale).to(weight.dtype)
     grad_hidden = torch.zeros_like(hidden).index_copy_(0, active, (grad_active.float() * scale).to(hidden.dtype))
     grad_bias = (grad_bias * scale).to(weight.dtype) if grad_bias is not None else hidden.new_empty(0)
-    return loss, grad_hidden, (grad_weight.float() * scale).to(weight.dtype), grad_bias
+    return loss, grad_hidden, grad_weight, grad_bias
 
 
 @_forward.register_fake
