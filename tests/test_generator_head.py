@@ -15,6 +15,7 @@ from test_pretrain_model import CLS, MASK, PAD, SEP, _batch, _Tokenizer
 import electra_triton
 from electra_triton.ops import generator_head, generator_head_reference
 from electra_triton.pretrain.model import ElectraPretrainer, build_models
+from electra_triton.tracing import OpTrace
 
 head_module = importlib.import_module("electra_triton.ops.generator_head")  # the package's name is the function
 
@@ -174,6 +175,21 @@ def test_keeps_leading_dims_and_follows_autocast():
     torch.testing.assert_close(loss, generator_head(*cast, labels)[0])
     assert argmax.equal(F.linear(*cast).argmax(-1))
     assert all(grad.dtype == torch.float32 for grad in _grads(leaves))
+
+
+def test_no_host_sync_and_a_two_gemm_backward():
+    hidden, weight, bias, labels = _inputs(6, 8, 20, torch.float32)
+    leaves = _leaves(hidden, weight, bias)
+    with OpTrace() as forward:
+        loss = generator_head(*leaves, labels)[0]
+    with OpTrace() as backward:
+        loss.backward()
+    assert forward.host_syncs == backward.host_syncs == 0
+    assert forward.counts()["electra_triton::generator_head_forward"] == 1
+    matmuls = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
+    assert sum(n for name, n in backward.counts().items() if name in matmuls) == 2  # d_hidden, d_weight: no recompute
+    assert not any(name.startswith("electra_triton::") for name in backward.counts())
+    assert "aten::zeros" not in backward.counts()  # no zero gradients materialised for the non-loss outputs
 
 
 def test_bad_input():

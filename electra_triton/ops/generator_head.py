@@ -120,6 +120,7 @@ def _setup_context(ctx, inputs, output):
     _, count, _, _, dlogits, grad_hidden, grad_weight, grad_bias = output
     ctx.save_for_backward(hidden, weight, count, dlogits, grad_hidden, grad_weight, grad_bias)
     ctx.has_bias = bias is not None
+    ctx.set_materialize_grads(False)  # only the loss carries a gradient: no (R, V) zeros for the other outputs
 
 
 def _scaled(tensor: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -128,6 +129,8 @@ def _scaled(tensor: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> to
 
 def _autograd_backward(ctx, grad_loss, *_):
     hidden, weight, count, dlogits, grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+    if grad_loss is None:  # a backward through the other outputs only: they are constants
+        return None, None, None, None, None, None, None, None
     scale = grad_loss.float() / count.clamp_min(1.0)  # the mean over rows and the upstream gradient, on the device
     wants_hidden, wants_weight, wants_bias = ctx.needs_input_grad[:3]
     wants_bias = wants_bias and ctx.has_bias

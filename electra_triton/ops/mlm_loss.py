@@ -69,10 +69,13 @@ def _setup_context(ctx, inputs, output):
     _, grad_hidden, grad_weight, grad_bias = output
     ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
     ctx.has_bias = inputs[2] is not None
+    ctx.set_materialize_grads(False)  # only the loss carries a gradient: no zeros for the other outputs
 
 
 def _autograd_backward(ctx, grad_loss, *_):
     # The forward already computed the gradients of the loss; the chain rule only scales them.
+    if grad_loss is None:
+        return None, None, None, None, None, None
     grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
     return (
         grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype),
