@@ -43,9 +43,9 @@ LOGITS_BUDGET_BYTES = 1 << 30
 
 @triton.jit
 def _running_argmax(best_value, best_index, values, first_col):
-    """Fold a block's maximum into a running (value, index); ties keep the earlier index, as torch.argmax does."""
-    block_index = tl.argmax(values, axis=0)
-    block_value = tl.max(values, axis=0)
+    """Fold a block's maximum into a running (value, index) with one reduction; ties keep the earlier index, as
+    torch.argmax does."""
+    block_value, block_index = tl.max(values, axis=0, return_indices=True, return_indices_tie_break_left=True)
     better = block_value > best_value
     return tl.where(better, block_value, best_value), tl.where(better, first_col + block_index, best_index)
 
@@ -64,27 +64,27 @@ def _generator_head_kernel(
     in_range = (label >= 0) & (label < n_cols)
 
     m = float("-inf")  # running max of the logits
+    top_index = 0  # where it is
     d = 0.0  # running sum of exp(logit - m)
-    top_logit = float("-inf")
-    top_index = 0
     top_noisy = float("-inf")
     sample_index = 0
     for v0 in range(0, n_cols, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         x = tl.load(row_start + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
+        m_new, top_index = _running_argmax(m, top_index, x, v0)
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
-        top_logit, top_index = _running_argmax(top_logit, top_index, x, v0)
         if SAMPLE:
             # One Philox call gives 4 words: column v0 + 4i + k takes word k of counter v0 / 4 + i.
             counter = (v0 // 4 + tl.arange(0, BLOCK_V // 4)).to(tl.uint32)
             zero = counter * 0
             noise_row = (first_row + row).to(tl.uint32)  # the row in the whole call: chunking keeps the noise
             r0, r1, r2, r3 = tl.philox(seed, counter, zero + noise_row, zero + philox_offset, zero)
-            bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_V,))
-            gumbel = -tl.log(-tl.log(uint_to_uniform_float(bits)))
-            top_noisy, sample_index = _running_argmax(top_noisy, sample_index, x * inv_temperature + gumbel, v0)
+            uniform = uint_to_uniform_float(tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_V,)))
+            # argmax(x / T + Gumbel) in base 2, which lowers to the hardware lg2: dividing by ln 2 keeps the argmax,
+            # and -ln(-ln u) = -ln 2 * (log2(-log2 u) + log2(ln 2)), whose constant term does not move it either.
+            noisy = x * (inv_temperature * 1.4426950408889634) - tl.log2(-tl.log2(uniform))
+            top_noisy, sample_index = _running_argmax(top_noisy, sample_index, noisy, v0)
     lse = m + tl.log(d)
     label_logit = tl.load(row_start + label, mask=in_range & ~ignored, other=0.0).to(tl.float32)
     loss = tl.where(ignored, 0.0, tl.where(in_range, lse - label_logit, float("nan")))

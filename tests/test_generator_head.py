@@ -219,16 +219,27 @@ def test_bad_input():
         generator_head(hidden, weight, bias, labels, ignore_index=1.5)
 
 
+def test_kernel_flags_a_bad_label_with_a_nan_loss_and_no_gradient():
+    logits = torch.randn(3, 10, device=DEVICE)
+    flag = torch.zeros(1, device=DEVICE, dtype=torch.int32)
+    grad = logits.clone()
+    losses, _, _ = kernel.head_rows(grad, torch.tensor([2, 10, -100], device=DEVICE), -100, 1.0, 0, 0, False, True,
+                                    flag)
+    assert flag.item() == 1 and losses[1].isnan() and losses[2] == 0 and not grad[1:].any()
+    torch.testing.assert_close(losses[0], torch.logsumexp(logits[0], 0) - logits[0, 2])
+
+
 @requires_cuda
 @pytest.mark.gpu
-def test_bad_labels_on_cuda_raise_at_a_later_call_without_a_sync():
+def test_bad_labels_on_cuda_raise_without_a_sync():
     hidden, weight, bias, labels = _inputs(4, 8, 20, torch.float32)
     labels[0] = 20
-    loss = generator_head(hidden, weight, bias, labels)[0]
-    torch.cuda.synchronize()
-    assert loss.isnan()
     with pytest.raises(ValueError, match="labels"):
-        generator_head(hidden, weight, bias, labels.clamp_min(0).clamp_max(19))
+        generator_head(hidden, weight, bias, labels)  # raises here only if its kernel has already finished
+        torch.cuda.synchronize()
+        generator_head(hidden, weight, bias, labels.clamp(0, 19))
+    torch.cuda.synchronize()
+    head_module._raise_for_flagged_labels()  # the good call's flag: clear, and nothing left pending
     assert not head_module._pending_label_flags
 
 
