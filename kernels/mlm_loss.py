@@ -12,14 +12,15 @@ For hidden (R, E) (the masked rows only), weight (V, E), bias (V,) and labels (R
      `torch.manual_seed` reproduces it. The sample is drawn here, before pass 2 overwrites the logits.
    - the row's loss lse - logit[label];
    - with WRITE_GRAD, pass 2 overwrites the logits IN PLACE with softmax - one_hot(label) (rows whose label is
-     ignore_index get zeros). The 1 / #rows and the upstream gradient are applied to the (small) outputs of the
-     backward GEMMs instead: this keeps fp16 gradients clear of underflow whatever a loss scaler does.
+     ignore_index get zeros). The 1 / #rows and the upstream gradient are applied on the small side of the
+     backward GEMMs instead (d_hidden, and hidden before the d_weight GEMM): no (V, E) pass, and fp16 gradients
+     stay clear of underflow whatever a loss scaler does.
 3. Backward: d_hidden = dlogits @ weight and d_weight = dlogits.T @ hidden (two GEMMs), d_bias = column sums of
    dlogits; nothing is recomputed.
 
 Memory rule: the logits of all R rows are held at once (from forward to backward) unless they would exceed
-LOGITS_BUDGET_BYTES; only then are the rows processed in chunks that fit, and the three gradient GEMMs of each chunk
-run right after its kernel (in the forward), so that only one chunk of logits ever lives. ELECTRA-base
+LOGITS_BUDGET_BYTES; only then are the rows processed in chunks that fit, and each chunk's two gradient GEMMs and
+column sum run right after its kernel (in the forward), so that only one chunk of logits ever lives. ELECTRA-base
 (~2,500 masked rows x 30,522 tokens in bf16, ~150 MB) is one chunk.
 
 Labels outside [0, V) other than ignore_index: the row's loss is NaN, its gradient zero, and the kernel sets a flag
@@ -36,8 +37,8 @@ from triton.language.random import uint_to_uniform_float
 
 from ._compile import TRITON_POINTER_TYPES, CompileTarget, specialized_target
 
-# The most bytes of logits held at once; more rows than fit are processed in chunks. 1 GiB holds ELECTRA-large's
-# generator head (V = 30,522) for ~17,000 masked rows in bf16, i.e. a 32 x 512 batch 4 times over.
+# The most bytes of logits held at once; more rows than fit are processed in chunks. 1 GiB holds ~17,500 masked rows
+# of a 30,522-token vocabulary in bf16 (~8,800 in fp32): a 32 x 512 ELECTRA batch has 2,528 prediction slots.
 LOGITS_BUDGET_BYTES = 1 << 30
 
 
