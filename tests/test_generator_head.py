@@ -129,6 +129,10 @@ def test_reproducible_under_manual_seed():
     torch.manual_seed(3)
     assert generator_head(hidden, weight, bias, labels)[1].equal(first)
     assert not second.equal(first)  # consecutive calls draw new noise
+    # A generator of the caller's (evaluation's fixed masks and samples) replaces the default one.
+    draws = [generator_head(hidden, weight, bias, labels, generator=torch.Generator(DEVICE).manual_seed(7))[1]
+             for _ in range(2)]
+    assert draws[0].equal(draws[1])
 
 
 def _chi_square_p_value(counts: torch.Tensor, probabilities: torch.Tensor) -> float:
@@ -217,6 +221,8 @@ def test_bad_input():
         generator_head(hidden, weight.half(), bias, labels)
     with pytest.raises(TypeError, match="ignore_index"):
         generator_head(hidden, weight, bias, labels, ignore_index=1.5)
+    with pytest.raises(TypeError, match="generator"):
+        generator_head(hidden, weight, bias, labels, generator=7)
 
 
 def test_kernel_flags_a_bad_label_with_a_nan_loss_and_no_gradient():

@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import mlm_loss as kernel
+from ..tracing import host_side
 from ._checks import check_float, check_like, check_shape, check_tensor
 from ._dispatch import philox_rng_state, use_kernel
 
 
 def generator_head_reference(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-    temperature: float = 1.0, ignore_index: int = -100,
+    temperature: float = 1.0, ignore_index: int = -100, generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain PyTorch generator_head in fp32 (the CPU fallback, and what the kernel is tested against).
 
@@ -35,7 +36,7 @@ def generator_head_reference(
                               reduction="none")
     loss = per_row.sum() / (flat_labels != ignore_index).sum().clamp_min(1)
     with torch.no_grad():
-        gumbel = -torch.empty_like(logits).exponential_().log()
+        gumbel = -torch.empty_like(logits).exponential_(generator=generator).log()
         sampled = (logits / temperature + gumbel).argmax(-1)
     return loss, sampled, logits.detach().argmax(-1)
 
@@ -148,13 +149,22 @@ def _autograd_backward(ctx, grad_loss, *_):
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
+def _rng_state(generator: torch.Generator | None) -> torch.Tensor:
+    """(seed, offset) for the kernel's Philox noise, an int64 CPU tensor, from `generator` or torch's default one."""
+    if generator is None:
+        return philox_rng_state(1.0)  # any nonzero rate draws
+    with host_side():  # a CPU generator draws on the host; a CUDA one costs a sync (an evaluation-time option)
+        draw = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64, generator=generator, device=generator.device)
+        return draw.cpu()
+
+
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
 def generator_head(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-    temperature: float = 1.0, ignore_index: int = -100,
+    temperature: float = 1.0, ignore_index: int = -100, generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ELECTRA's generator head on the masked rows: (mean cross-entropy, Gumbel-max sample, argmax), fused.
 
@@ -162,8 +172,8 @@ def generator_head(
     - loss: `F.cross_entropy(logits, labels, ignore_index=ignore_index)` as an fp32 scalar (0, with zero gradients,
       when no label differs from `ignore_index`);
     - sampled_ids: argmax(logits / temperature + Gumbel noise), a sample from softmax(logits / temperature), for every
-      row (ignored rows too), without gradient. The noise is Philox seeded from torch's default generator:
-      `torch.manual_seed` reproduces it, consecutive calls differ;
+      row (ignored rows too), without gradient. The noise is Philox seeded from `generator` (default: torch's
+      default generator, so `torch.manual_seed` reproduces it); consecutive calls differ;
     - argmax_ids: logits.argmax(-1) (MLM accuracy).
     Logits are computed once (one GEMM; in the autocast dtype under autocast, as F.linear would) and held only while
     they fit the memory budget of kernels/mlm_loss.py (else in chunks). Backward: two GEMMs, nothing recomputed.
@@ -193,6 +203,8 @@ def generator_head(
         raise ValueError(f"temperature must be a positive finite float, got {temperature}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
     if autocast_dtype is not None:
         hidden, weight = hidden.to(autocast_dtype), weight.to(autocast_dtype)
@@ -200,10 +212,10 @@ def generator_head(
     # The op's own matmuls run in the dtype just chosen: an enclosing autocast must not cast them again.
     with torch.autocast(hidden.device.type, enabled=False):
         if not use_kernel("generator_head", hidden.device):
-            return generator_head_reference(hidden, weight, bias, labels, float(temperature), ignore_index)
+            return generator_head_reference(hidden, weight, bias, labels, float(temperature), ignore_index, generator)
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
         loss, _, sampled, argmax = _forward(
             hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1).contiguous(), ignore_index,
-            float(temperature), philox_rng_state(1.0), needs_grad,  # any nonzero rate draws a seed
+            float(temperature), _rng_state(generator), needs_grad,
         )[:4]
     return loss, sampled.view(labels.shape), argmax.view(labels.shape)
