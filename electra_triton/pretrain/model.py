@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
 
+from .. import ops
 from ..ops import UnpadPlan
 
 
@@ -181,14 +182,16 @@ class ElectraPretrainer(nn.Module):
         head = self.generator.generator_lm_head
         num_predicted = weights.sum()
         if "mlm_loss" in getattr(head, "_electra_triton", {}):
-            # electra_triton.patch made the LM head a fused projection + cross-entropy; logits are kept for sampling.
-            mlm_loss, logits = head(predicted, labels=torch.where(weights, targets, -100), return_logits=True)
+            # electra_triton.patch fused the LM head: one logits GEMM, then one kernel pass gives loss, sample, argmax.
+            mlm_loss, sampled, predicted_ids = ops.generator_head(
+                predicted, head.weight, head.bias, torch.where(weights, targets, -100), self.temperature)
         else:
             logits = head(predicted)  # (B, P, V)
             per_slot = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")  # (B*P,)
             mlm_loss = (per_slot * weights.flatten()).sum() / num_predicted.clamp_min(1)
+            sampled = gumbel_sample(logits, self.temperature)  # (B, P)
+            predicted_ids = logits.detach().argmax(-1)
 
-        sampled = gumbel_sample(logits, self.temperature)  # (B, P)
         disc_ids = input_ids.scatter(1, positions, torch.where(weights, sampled, targets))  # (B, L)
         rtd_labels = ((disc_ids != input_ids) & (attention_mask == 1)).long()  # (B, L)
         if inputs["attention_mask"] is attention_mask:
@@ -203,7 +206,7 @@ class ElectraPretrainer(nn.Module):
 
         with torch.no_grad():
             active = attention_mask == 1
-            mlm_correct = ((logits.argmax(-1) == targets) & weights).sum()
+            mlm_correct = ((predicted_ids == targets) & weights).sum()
             rtd_correct = (((out.logits > 0).long() == rtd_labels) & active).sum()
         return {
             "loss": loss, "mlm_loss": mlm_loss.detach(), "rtd_loss": rtd_loss.detach(),
