@@ -117,6 +117,41 @@ def check_enough_documents(sources: list[tuple[str, str]], world_size: int) -> N
                    "documents, so give a larger --corpus or run fewer processes")
 
 
+def check_resume_world_size(output_dir: pathlib.Path, world_size: int) -> None:
+    """A checkpoint holds each rank's data position and RNG state, so it resumes on as many processes as wrote it.
+    Read from the newest complete checkpoint's small state file, before the models are built."""
+    from . import checkpoint as ckpt
+
+    complete = [folder for folder in ckpt.list_checkpoints(output_dir) if (folder / ckpt.MANIFEST).is_file()]
+    if not complete:
+        return
+    written_by = ckpt.load_checkpoint(complete[-1], "state")["world_size"]
+    if written_by != world_size:
+        raise RunError(f"{complete[-1]} was written by {written_by} processes and this run has {world_size}: a "
+                       f"checkpoint holds every rank's data position and RNG state, so resume with {written_by} "
+                       "processes (torchrun --nnodes x --nproc_per_node = that number)")
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, torch.Tensor],
+                    optimizer_state: dict) -> None:
+    """Load a checkpoint's full (unsharded) state into an FSDP2-sharded model and its optimizer; collective.
+
+    Each full tensor is scattered into the layout of the parameter it replaces. (set_state_dict cannot do the model:
+    it leaves the alias of a tied parameter, here the embeddings the generator and discriminator share, a plain tensor
+    that will not copy into the sharded parameter.)"""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    sharded = {}
+    for key, current in model.state_dict().items():
+        full = model_state[key]
+        if isinstance(current, DTensor):
+            full = distribute_tensor(full.to(current.device, current.dtype), current.device_mesh, current.placements)
+        sharded[key] = full
+    model.load_state_dict(sharded)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+
+
 def check_shared_output(runtime: Runtime, output_dir: pathlib.Path) -> None:
     """Rank 0 alone writes checkpoints, the tokenizer and the final models, and every rank reads them back on resume:
     the output folder must be one folder that all nodes see. Rank 0 leaves a random token there; each rank reads it."""

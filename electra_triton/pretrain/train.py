@@ -148,6 +148,8 @@ class Trainer:
     def setup(self) -> None:
         cfg, rt = self.cfg, self.rt
         check_output_dir(cfg)
+        if cfg.resume:
+            distributed.check_resume_world_size(self.out, rt.world_size)
         if cfg.data:
             dataset = open_dataset(cfg.data, load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None)
         else:
@@ -210,10 +212,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.max_steps)
         if state is not None:
             if cfg.fsdp:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-                set_state_dict(self.model, self.optimizer, model_state_dict=model_state,
-                               optim_state_dict=optimizer_state, options=StateDictOptions(full_state_dict=True))
+                distributed.load_full_state(self.model, self.optimizer, model_state, optimizer_state)
             else:
                 self.optimizer.load_state_dict(optimizer_state)
             self.scheduler.load_state_dict(state["scheduler"])
