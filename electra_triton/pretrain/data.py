@@ -77,7 +77,7 @@ def resolve_corpus(paths: list[str]) -> list[tuple[str, str]]:
     return sources
 
 
-def _docstrings(path: str) -> list[str]:
+def module_docstrings(path: str) -> list[str]:
     try:
         tree = ast.parse(pathlib.Path(path).read_bytes())
     except (SyntaxError, ValueError, OSError):
@@ -90,7 +90,7 @@ def _docstrings(path: str) -> list[str]:
 def read_documents(kind: str, path: str, position: int = 0) -> Iterator[tuple[list[str], int]]:
     """Yield (sentences, position after the document) from `position` on."""
     if kind == "pydoc":
-        for index, doc in enumerate(_docstrings(path)[position:], start=position + 1):
+        for index, doc in enumerate(module_docstrings(path)[position:], start=position + 1):
             # Paragraphs are the sentences: docstring lines are wrapped at ~80 columns mid-sentence.
             paragraphs = [" ".join(p.split()) for p in doc.split("\n\n")]
             yield [p for p in paragraphs if p], index

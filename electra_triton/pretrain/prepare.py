@@ -27,8 +27,8 @@ from .config import BUILTIN_CORPUS, PRESETS
 from .data import (
     CorpusError,
     _describe,
-    _docstrings,
     load_tokenizer,
+    module_docstrings,
     resolve_corpus,
     train_tokenizer,
 )
@@ -88,7 +88,7 @@ def _documents(unit: Unit) -> Iterator[list[str]]:
     """The documents of a unit as lists of sentences, read as data.read_documents reads them."""
     kind, path, start, end = unit
     if kind == "pydoc":
-        for doc in _docstrings(path):
+        for doc in module_docstrings(path):
             sentences = [" ".join(p.split()) for p in doc.split("\n\n")]
             if sentences := [s for s in sentences if s]:
                 yield sentences
