@@ -199,3 +199,23 @@ def test_cli(tmp_path, tokenizer_dir, capsys):
     assert cli.main([*args, "--overwrite"]) == 0
     tokens = np.fromfile(out / "shard-00000.tokens.bin", dtype=np.uint16)
     assert len(tokens) == json.loads((out / MANIFEST).read_text())["tokens"]
+
+
+@pytest.mark.slow
+def test_data_benchmark_toy_run(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+    from benchmarks import data as data_benchmark
+
+    assert data_benchmark.main(["--toy", "--out", str(tmp_path), "--work", str(tmp_path / "work")]) == 0
+    result = json.loads((tmp_path / "data.json").read_text())
+    rows = {(r["corpus"], r["max_seq_len"], r["source"], r["packing"]): r for r in result["loader"]}
+    assert len(rows) == 16 and all(r["real_tokens_per_s"] > 0 and 0 < r["fill"] <= 1 for r in rows.values())
+    for corpus in ("stdlib", "long documents"):
+        for length in (128, 512):
+            packed, padded = rows[(corpus, length, "shards", True)], rows[(corpus, length, "shards", False)]
+            assert packed["fill"] > 0.95 and packed["fill"] > padded["fill"]
+    scaling = result["prepare_scaling"]
+    assert scaling["wall_speedup"] > 0 and scaling["two_workers"]["cpu_workers"] > 0
+    assert "real tokens/s" in capsys.readouterr().out

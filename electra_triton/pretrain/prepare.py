@@ -256,6 +256,7 @@ def _tokenize(units: list[Unit], staging: pathlib.Path, tokenizer, workers: int,
     writer = _ShardWriter(staging, dtype, shard_tokens)
     total_bytes = sum(end - start for _, _, start, end in units)
     tokenizer_dir = str(staging / TOKENIZER_DIR)
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
     if workers == 1:
         _init_worker(tokenizer_dir)
         results = map(tokenize_unit, units)
@@ -277,7 +278,12 @@ def _tokenize(units: list[Unit], staging: pathlib.Path, tokenizer, workers: int,
     finally:
         if pool is not None:
             pool.terminate()
+            pool.join()
         bar.close()
+        if parallelism is None:  # what _init_worker or the fork above changed in this process
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallelism
     writer.close_shard()
     counts = {kind: sum(entry[kind]["count"] for entry in writer.entries) for kind in FILE_KINDS}
     if counts["tokens"] == 0:
