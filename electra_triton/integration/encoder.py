@@ -110,7 +110,9 @@ def _key_mask(attention_mask: torch.Tensor | None, plan: ops.UnpadPlan | None) -
 def _to_padded(tokens: torch.Tensor, plan: ops.UnpadPlan) -> torch.Tensor:
     if plan.total_tokens == plan.batch * plan.seqlen:  # every slot real: the token stream is the padded layout
         return tokens.view(plan.batch, plan.seqlen, -1)
-    return ops.pad_input(tokens, plan.indices, plan.batch, plan.seqlen)
+    # index_copy, not index_put: its backward is an index_select, which no tracer mistakes for a boolean mask read.
+    padded = tokens.new_zeros(plan.batch * plan.seqlen, tokens.shape[-1]).index_copy(0, plan.indices, tokens)
+    return padded.view(plan.batch, plan.seqlen, -1)
 
 
 def encoder_forward(

@@ -67,7 +67,8 @@ def _layer_norm(
         return norm(x if residual is None else x + residual)
     dtype = autocast_dtype(x.device)
     if dtype is None:
-        dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+        same = residual is None or residual.dtype == x.dtype  # (promote_types is an op to a dispatch mode)
+        dtype = x.dtype if same else torch.promote_types(x.dtype, residual.dtype)
         weight, bias = norm.weight.to(dtype), norm.bias.to(dtype)
     else:
         weight, bias = norm.weight, norm.bias
