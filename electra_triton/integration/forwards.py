@@ -26,7 +26,7 @@ MARK = "_electra_triton"  # instance attribute of a patched module: {what is fus
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype autocast computes matmuls in on `device`, or None outside autocast."""
     if torch.is_autocast_enabled(device.type):
-        return torch.getautocast_dtype(device.type)
+        return torch.get_autocast_dtype(device.type)
     return None
 
 
