@@ -8,8 +8,8 @@ position 0 (several examples packed into one row, as transformers' DataCollatorW
 
 Build it where it is free: on the CPU in the data loader (no device synchronisation at all), then move it with the
 batch (`plan.to(device, non_blocking=True)`). Built from device tensors it costs one host synchronisation (the token
-count), two with `position_ids` (the sequence count); `max_seqlen` is then the row length L, an upper bound that the
-varlen kernel accepts, unless given.
+count), two with `position_ids` (the sequence count), one with `position_ids` and no mask; `max_seqlen` is then the
+row length L, an upper bound that the varlen kernel accepts, unless given.
 """
 
 from typing import NamedTuple
