@@ -6,7 +6,19 @@ import copy
 import pytest
 import torch
 from conftest import DEVICE
-from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining, ElectraModel
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    ElectraConfig,
+    ElectraForMaskedLM,
+    ElectraForPreTraining,
+    ElectraForQuestionAnswering,
+    ElectraForSequenceClassification,
+    ElectraForTokenClassification,
+    ElectraModel,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 
 import electra_triton
 from electra_triton import ops
@@ -166,13 +178,26 @@ def test_supplied_and_packed_plans():
         torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_unpad_plan_is_a_forward_keyword_of_every_head():
+@pytest.mark.parametrize("model_cls", [
+    ElectraForPreTraining, ElectraForMaskedLM, ElectraForSequenceClassification, ElectraForTokenClassification,
+    ElectraForQuestionAnswering, BertForMaskedLM, RobertaForSequenceClassification,
+], ids=lambda cls: cls.__name__)
+def test_unpad_plan_is_a_forward_keyword_of_every_head(model_cls):
     torch.manual_seed(0)
-    model = electra_triton.patch(ElectraForPreTraining(_config()).to(DEVICE).eval())
+    sizes = {"vocab_size": VOCAB, "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 128, "max_position_embeddings": 40, "pad_token_id": 1}
+    config = _config(layers=1) if model_cls.__name__.startswith("Electra") else (
+        BertConfig(**sizes) if model_cls is BertForMaskedLM else RobertaConfig(**sizes))
+    model = electra_triton.patch(model_cls(config).to(DEVICE).eval())
     ids, mask = _padded_batch()
-    plan = ops.unpad_plan(mask)
-    torch.testing.assert_close(model(ids, attention_mask=mask, unpad_plan=plan).logits,
-                               model(ids, attention_mask=mask).logits)
+    plan = ops.unpad_plan(mask.cpu()).to(DEVICE)
+    with OpTrace() as trace:
+        out = model(ids, attention_mask=mask, unpad_plan=plan)
+    assert trace.host_syncs == 0, trace.sync_ops()
+    expected = model(ids, attention_mask=mask)
+    for key in ("logits", "start_logits"):
+        if key in out:
+            torch.testing.assert_close(out[key], expected[key])
 
 
 def test_bad_unpad_plan_names_the_argument():
