@@ -150,7 +150,9 @@ def encoder_forward(
         embeddings = embeddings.to(dtype)  # the residual stream's one cast (module docstring)
     batch, seqlen, hidden_size = embeddings.shape
 
-    plan = _plan_of(attention_mask, position_ids, given_plan, packed, batch, seqlen, embeddings.device)
+    plan = None
+    if mode == "auto" or given_plan is not None or packed:  # "padded" needs no plan: it never unpads
+        plan = _plan_of(attention_mask, position_ids, given_plan, packed, batch, seqlen, embeddings.device)
     if mode == "auto" and plan is not None and runs_unpadded(plan):
         if plan.total_tokens == batch * seqlen:
             hidden = embeddings.view(batch * seqlen, hidden_size)
