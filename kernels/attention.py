@@ -61,8 +61,9 @@ def _dropout_keep(seed, philox_offset, bh, start_m, start_n, max_seqlen, drop_th
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(BLOCK_M, BLOCK_N) keep-mask of queries start_m.. x keys start_n.. of head `bh` (start_n a multiple of 16).
 
-    One Philox call per 16 keys: word w of the call's four holds keys 4w..4w+3 of the group, one byte each (low byte
-    first). The generator's state lives on a sixteenth of the tile, which keeps the backward passes' registers down.
+    One Philox call per 16 keys: each of its four 32-bit words gives four of the group's keys a byte each (a fixed
+    assignment, the same in every kernel). The generator's state lives on a sixteenth of the tile, which keeps the
+    backward passes' registers down.
     """
     rows = start_m + tl.arange(0, BLOCK_M)
     groups = start_n // 16 + tl.arange(0, BLOCK_N // 16)
