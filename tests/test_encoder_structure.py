@@ -64,6 +64,7 @@ def _pretraining_step(layers: int, patched: bool, with_plan: bool = False) -> Op
     return trace
 
 
+@pytest.mark.slow  # four traced steps in the interpreter: ~10-20 s on 2 cores
 def test_pretraining_step_syncs_and_ops_per_layer_against_stock():
     # Per layer = the difference between models of 2 and 1 layers (generator + discriminator layer, fwd + bwd).
     stock = [_pretraining_step(layers, patched=False) for layers in (1, 2)]
@@ -144,6 +145,8 @@ def test_left_padding_and_holes_match_transformers(pattern):
     for ours, theirs in zip(out.hidden_states, expected.hidden_states, strict=True):
         assert ours.shape == theirs.shape
         torch.testing.assert_close(ours[real], theirs[real], rtol=1e-4, atol=1e-5)
+    as_tuple = patched(ids, attention_mask=mask, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.last_hidden_state)
 
 
 def test_sequence_without_real_tokens_gives_zeros_and_finite_gradients():
