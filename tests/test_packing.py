@@ -192,9 +192,8 @@ def test_packed_row_equals_one_example_per_row(path):
     """A packed row's per-example RTD and MLM losses, and all gradients, equal the same examples one per row (fp32).
 
     reference: stock transformers models, packed rows kept apart by the block-diagonal mask. interpreter: the models
-    patched with every kernel, run in Triton's interpreter; the fused attention only where the encoder takes the
-    batch's unpad_plan (the patched attention reads a 4D mask as a key-padding mask), else transformers' attention
-    under the block-diagonal mask.
+    patched with every kernel, run in Triton's interpreter, packed rows with the loader's unpad_plan (the patched
+    encoder unpads once and runs varlen attention per example).
     """
     if path == "interpreter" and not _dispatch.INTERPRET:
         pytest.skip("runs the kernels in Triton's interpreter (TRITON_INTERPRET=1, set by conftest without CUDA)")
@@ -215,11 +214,12 @@ def test_packed_row_equals_one_example_per_row(path):
     previous = _dispatch.get_kernel_mode()
     if path == "interpreter":
         _dispatch.set_kernel_mode("auto")
-        for model in (generator, discriminator):
-            electra_triton.patch(model, attention=accepts_unpad_plan(model))
+        electra_triton.patch(generator)
+        electra_triton.patch(discriminator)
     try:
         padded = _batcher(examples, L, packing=False).collate([[e] for e in examples])
         packer = _batcher(examples, L, packing=True, plan=accepts_unpad_plan(generator))
+        assert accepts_unpad_plan(discriminator) == (path == "interpreter")
         rows, at, lengths = [[]], 0, [ListStream.example_length(e) for e in examples]
         for example, length in zip(examples, lengths, strict=True):
             if at + length > L:
@@ -229,6 +229,8 @@ def test_packed_row_equals_one_example_per_row(path):
             at += length
         packed = packer.collate(rows)
         assert len(rows) < len(examples)
+        # Through the kernels, packed rows travel with the loader's plan: varlen attention, each example to itself.
+        assert ("unpad_plan" in packed) == (path == "interpreter")
         results = []
         for batch in (padded, packed):
             chosen, masked_ids, disc_ids = _corrupt(batch, seed=7)
