@@ -263,3 +263,51 @@ def test_packing_choice():
     assert "block-diagonal" in said[0] and "unpad_plan" in said[1] and "takes no unpad_plan" in said[2]
     with pytest.raises(RunError, match="--packing off"):
         choose_packing(type("Config", (), {"packing": "on", "max_seq_len": 32})(), True, False, said.append)
+
+
+def test_pretrainer_step_on_packed_rows_kernels_and_reference_agree():
+    """The production forward (ElectraPretrainer) on a packed batch: the models patched with the kernels (the
+    interpreter, the loader's unpad_plan) and the stock ones (block-diagonal mask) give the same losses and
+    gradients from the same seed."""
+    from electra_triton.pretrain.model import ElectraPretrainer
+
+    if not _dispatch.INTERPRET:
+        pytest.skip("runs the kernels in Triton's interpreter (TRITON_INTERPRET=1, set by conftest without CUDA)")
+    L = 32
+    fields = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "max_position_embeddings": L,
+              "num_attention_heads": 1, "hidden_size": 32}
+
+    class _Tokenizer:
+        pad_token_id = PAD
+
+        def __len__(self):
+            return VOCAB
+
+    previous = _dispatch.get_kernel_mode()
+    _dispatch.set_kernel_mode("auto")
+    try:
+        results = []
+        for kernels in (False, True):
+            torch.manual_seed(0)
+            generator, discriminator = build_models({**MICRO_MODEL, **fields}, {**MICRO_GENERATOR, **fields},
+                                                    _Tokenizer())
+            if kernels:
+                electra_triton.patch(generator)
+                electra_triton.patch(discriminator)
+            model = ElectraPretrainer(generator, discriminator, SPECIALS.tolist(), MASK, max_seq_len=L, packing=True)
+            batch = _batcher(random_examples(40, L, seed=4), L, packing=True, pool_size=16,
+                             plan=accepts_unpad_plan(generator)).next_batch(4)
+            assert ("unpad_plan" in batch) == kernels
+            torch.manual_seed(1)
+            out = model(**batch)
+            out["loss"].backward()
+            results.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        (reference, reference_grads), (fused, fused_grads) = results
+        for key in ("mlm_loss", "rtd_loss", "loss"):
+            torch.testing.assert_close(fused[key], reference[key], rtol=1e-5, atol=1e-5)
+        for key in ("mlm_count", "rtd_count", "replaced"):
+            assert fused[key] == reference[key]
+        for name, grad in reference_grads.items():
+            torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    finally:
+        _dispatch.set_kernel_mode(previous)
