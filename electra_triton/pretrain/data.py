@@ -28,9 +28,12 @@ import random
 import sysconfig
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .packing import Batcher
 
 BUILTIN_CORPUS = "stdlib"
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
@@ -453,7 +456,7 @@ class Prefetcher:
     checkpoint resumes at the first batch the training loop has not seen.
     """
 
-    def __init__(self, stream: ExampleStream, batch_size: int, depth: int = 2):
+    def __init__(self, stream: "Batcher", batch_size: int, depth: int = 2):
         self.stream = stream
         self.batch_size = batch_size
         self.state = stream.state_dict()
