@@ -26,6 +26,8 @@ from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     BaseModelOutputWithPoolingAndCrossAttentions,
 )
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 
 from .. import ops
 from .forwards import MARK, autocast_dtype
@@ -118,8 +120,8 @@ def _to_padded(tokens: torch.Tensor, plan: ops.UnpadPlan) -> torch.Tensor:
 def encoder_forward(
     self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
     token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-    inputs_embeds: torch.Tensor | None = None, **kwargs: Any,
-) -> Any:
+    inputs_embeds: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs],
+) -> BaseModelOutputWithPastAndCrossAttentions | BaseModelOutputWithPoolingAndCrossAttentions | tuple:
     """ElectraModel / BertModel / RobertaModel.forward, unpadded once (module docstring); `unpad_plan=` accepted."""
     given_plan = kwargs.pop(PLAN_KEYWORD, None)
     packed = {name: kwargs.pop(name) for name in _PACKED_KEYWORDS if name in kwargs}
