@@ -41,9 +41,9 @@ def _padded_batch(batch=2, seqlen=8):
     return ids, mask
 
 
-def _pretraining_step(layers: int, patched: bool, with_plan: bool = False) -> OpTrace:
+def _pretraining_step(layers: int, patched: bool, with_plan: bool = False, autocast: bool = False) -> OpTrace:
     """One ELECTRA step, traced: generator (MLM) and discriminator (RTD), forward and backward, padded batch,
-    training mode (dropout on)."""
+    training mode (dropout on), optionally under 16-bit autocast as in production."""
     torch.manual_seed(0)
     stock = {} if patched else {"attn_implementation": "sdpa"}
     generator = ElectraForMaskedLM(_config(layers, hidden=32, heads=1, **stock)).to(DEVICE).train()
@@ -57,7 +57,8 @@ def _pretraining_step(layers: int, patched: bool, with_plan: bool = False) -> Op
     replaced = (torch.rand(ids.shape, device=DEVICE) < 0.2).long()
     # The data loader builds the plan on the CPU and moves it with the batch: no synchronisation in the step.
     plan = {"unpad_plan": ops.unpad_plan(mask.cpu()).to(DEVICE)} if with_plan else {}
-    with OpTrace() as trace:
+    dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16
+    with OpTrace() as trace, torch.autocast(DEVICE, dtype=dtype, enabled=autocast):
         generator_loss = generator(ids, attention_mask=mask, labels=labels, **plan).loss
         discriminator_loss = discriminator(ids, attention_mask=mask, labels=replaced, **plan).loss
         (generator_loss + discriminator_loss).backward()
@@ -65,10 +66,11 @@ def _pretraining_step(layers: int, patched: bool, with_plan: bool = False) -> Op
 
 
 @pytest.mark.slow  # four traced steps in the interpreter: ~10-20 s on 2 cores
-def test_pretraining_step_syncs_and_ops_per_layer_against_stock():
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast"])
+def test_pretraining_step_syncs_and_ops_per_layer_against_stock(autocast):
     # Per layer = the difference between models of 2 and 1 layers (generator + discriminator layer, fwd + bwd).
-    stock = [_pretraining_step(layers, patched=False) for layers in (1, 2)]
-    ours = [_pretraining_step(layers, patched=True) for layers in (1, 2)]
+    stock = [_pretraining_step(layers, patched=False, autocast=autocast) for layers in (1, 2)]
+    ours = [_pretraining_step(layers, patched=True, autocast=autocast) for layers in (1, 2)]
     stock_per_layer = stock[1].device_ops - stock[0].device_ops
     ours_per_layer = ours[1].device_ops - ours[0].device_ops
     print(f"device ops per generator + discriminator layer: patched {ours_per_layer}, stock sdpa {stock_per_layer}; "
