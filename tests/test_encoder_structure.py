@@ -226,12 +226,17 @@ def test_bad_unpad_plan_names_the_argument():
         unfused(ids, attention_mask=mask, unpad_plan=plan)
 
 
-def test_traces_fullgraph_with_a_supplied_plan():
-    # The unpad-once path under dynamo (eager backend: graph capture only): the plan's sizes are input shapes.
+@pytest.mark.parametrize("plan_from", ["caller", "mask"])
+def test_compiled_forward_takes_the_unpadded_path_without_graph_breaks(plan_from):
+    # Dynamo's capture (eager backend) of the unpad-once path: a supplied plan's sizes are input shapes; a plan from
+    # the mask is one opaque op whose token count is a data-dependent size. Same values as eager, zeros at padding.
     _, patched = _model_pair()
     ids, mask = _padded_batch()
-    plan = ops.unpad_plan(mask.cpu()).to(DEVICE)
-    compiled = torch.compile(patched.train(), fullgraph=True, backend="eager")
-    out = compiled(ids, attention_mask=mask, unpad_plan=plan).last_hidden_state
+    plan = {"unpad_plan": ops.unpad_plan(mask.cpu()).to(DEVICE)} if plan_from == "caller" else {}
+    expected = patched(ids, attention_mask=mask).last_hidden_state
+    compiled = torch.compile(patched, fullgraph=True, backend="eager")
+    out = compiled(ids, attention_mask=mask, **plan).last_hidden_state
+    torch.testing.assert_close(out, expected)
+    assert torch.count_nonzero(out[1, 5:]) == 0
     out.sum().backward()
-    assert out.shape == (2, 8, 64) and torch.count_nonzero(out[1, 5:]) == 0
+    assert all(torch.isfinite(p.grad).all() for p in patched.parameters() if p.grad is not None)
