@@ -12,13 +12,13 @@ synchronisation at all); transformers' packed-sequence keywords `cu_seq_lens_q` 
 (DataCollatorWithFlattening); a one-row batch with `position_ids` and no mask (packed by position ids restarting
 at 0; eager only); the attention mask. The last two cost one host synchronisation (the token count) in eager mode.
 Under torch.compile the mask's plan is one opaque op (`ops.unpad.traceable_unpad_plan`) whose token count is a
-data-dependent size: no graph break, and no synchronisation inside the graph.
+data-dependent size: no graph break; the op itself still synchronises once (the token count), as eager does.
 
 The one rule, eager and compiled alike: unpad when the plan packs sequences or when at least MIN_PADDING_FRACTION of
 the B x L slots are padding; otherwise run the padded kernel, with no gather, and without a mask at all when nothing
-is padded. A compiled forward without a plan cannot read the padding fraction without a synchronisation, so it
-counts as padded enough (unpadded path; identical values at every real position, zeros at padding positions): the
-two modes then differ only for a batch with less than MIN_PADDING_FRACTION padding, in the padding positions.
+is padded. A compiled forward without a plan cannot branch on the padding fraction (a data-dependent value in the
+graph), so it counts as padded enough (unpadded path; identical values at every real position, zeros at padding
+positions): the two modes then differ only for a batch with under MIN_PADDING_FRACTION padding, at its padding.
 """
 
 from typing import Any
