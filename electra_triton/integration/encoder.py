@@ -34,7 +34,7 @@ from transformers.utils import TransformersKwargs
 
 from .. import ops
 from ..ops.unpad import traceable_unpad_plan
-from .forwards import MARK, autocast_dtype
+from .forwards import MARK, _autocast_dtype
 
 # Unpadding costs a gather of the embeddings' output and a scatter of the last layer's (and their backwards): about
 # 8 * hidden bytes per real token per forward + backward. It saves every layer's work on each padding slot: for
@@ -159,7 +159,7 @@ def encoder_forward(
                                  inputs_embeds=inputs_embeds)
     if hasattr(self, "embeddings_project"):
         embeddings = self.embeddings_project(embeddings)
-    dtype = autocast_dtype(embeddings.device)
+    dtype = _autocast_dtype(embeddings.device)
     if dtype is not None:
         embeddings = embeddings.to(dtype)  # the residual stream's one cast (module docstring)
     batch, seqlen, hidden_size = embeddings.shape
