@@ -41,9 +41,9 @@ def _padded_batch(batch=2, seqlen=8):
     return ids, mask
 
 
-def _pretraining_step(layers: int, patched: bool, with_plan: bool = False) -> OpTrace:
+def _pretraining_step(layers: int, patched: bool, with_plan: bool = False, autocast: bool = False) -> OpTrace:
     """One ELECTRA step, traced: generator (MLM) and discriminator (RTD), forward and backward, padded batch,
-    training mode (dropout on)."""
+    training mode (dropout on), optionally under 16-bit autocast as in production."""
     torch.manual_seed(0)
     stock = {} if patched else {"attn_implementation": "sdpa"}
     generator = ElectraForMaskedLM(_config(layers, hidden=32, heads=1, **stock)).to(DEVICE).train()
@@ -57,7 +57,8 @@ def _pretraining_step(layers: int, patched: bool, with_plan: bool = False) -> Op
     replaced = (torch.rand(ids.shape, device=DEVICE) < 0.2).long()
     # The data loader builds the plan on the CPU and moves it with the batch: no synchronisation in the step.
     plan = {"unpad_plan": ops.unpad_plan(mask.cpu()).to(DEVICE)} if with_plan else {}
-    with OpTrace() as trace:
+    dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16
+    with OpTrace() as trace, torch.autocast(DEVICE, dtype=dtype, enabled=autocast):
         generator_loss = generator(ids, attention_mask=mask, labels=labels, **plan).loss
         discriminator_loss = discriminator(ids, attention_mask=mask, labels=replaced, **plan).loss
         (generator_loss + discriminator_loss).backward()
@@ -65,10 +66,11 @@ def _pretraining_step(layers: int, patched: bool, with_plan: bool = False) -> Op
 
 
 @pytest.mark.slow  # four traced steps in the interpreter: ~10-20 s on 2 cores
-def test_pretraining_step_syncs_and_ops_per_layer_against_stock():
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast"])
+def test_pretraining_step_syncs_and_ops_per_layer_against_stock(autocast):
     # Per layer = the difference between models of 2 and 1 layers (generator + discriminator layer, fwd + bwd).
-    stock = [_pretraining_step(layers, patched=False) for layers in (1, 2)]
-    ours = [_pretraining_step(layers, patched=True) for layers in (1, 2)]
+    stock = [_pretraining_step(layers, patched=False, autocast=autocast) for layers in (1, 2)]
+    ours = [_pretraining_step(layers, patched=True, autocast=autocast) for layers in (1, 2)]
     stock_per_layer = stock[1].device_ops - stock[0].device_ops
     ours_per_layer = ours[1].device_ops - ours[0].device_ops
     print(f"device ops per generator + discriminator layer: patched {ours_per_layer}, stock sdpa {stock_per_layer}; "
@@ -224,12 +226,17 @@ def test_bad_unpad_plan_names_the_argument():
         unfused(ids, attention_mask=mask, unpad_plan=plan)
 
 
-def test_traces_fullgraph_with_a_supplied_plan():
-    # The unpad-once path under dynamo (eager backend: graph capture only): the plan's sizes are input shapes.
+@pytest.mark.parametrize("plan_from", ["caller", "mask"])
+def test_compiled_forward_takes_the_unpadded_path_without_graph_breaks(plan_from):
+    # Dynamo's capture (eager backend) of the unpad-once path: a supplied plan's sizes are input shapes; a plan from
+    # the mask is one opaque op whose token count is a data-dependent size. Same values as eager, zeros at padding.
     _, patched = _model_pair()
     ids, mask = _padded_batch()
-    plan = ops.unpad_plan(mask.cpu()).to(DEVICE)
-    compiled = torch.compile(patched.train(), fullgraph=True, backend="eager")
-    out = compiled(ids, attention_mask=mask, unpad_plan=plan).last_hidden_state
+    plan = {"unpad_plan": ops.unpad_plan(mask.cpu()).to(DEVICE)} if plan_from == "caller" else {}
+    expected = patched(ids, attention_mask=mask).last_hidden_state
+    compiled = torch.compile(patched, fullgraph=True, backend="eager")
+    out = compiled(ids, attention_mask=mask, **plan).last_hidden_state
+    torch.testing.assert_close(out, expected)
+    assert torch.count_nonzero(out[1, 5:]) == 0
     out.sum().backward()
-    assert out.shape == (2, 8, 64) and torch.count_nonzero(out[1, 5:]) == 0
+    assert all(torch.isfinite(p.grad).all() for p in patched.parameters() if p.grad is not None)
