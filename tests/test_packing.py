@@ -116,6 +116,8 @@ def test_packing_pool_resumes_exactly():
     resumed = _batcher(examples, 40, packing=True, pool_size=24)
     resumed.load_state_dict(state)
     assert all(resumed.next_batch(4)["input_ids"].equal(e) for e in expected)
+    with pytest.raises(ValueError, match="predates row packing"):
+        resumed.load_state_dict(state["stream"])  # a stream-only position, as checkpoints held before
 
 
 def test_masking_is_per_example():

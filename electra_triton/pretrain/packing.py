@@ -123,6 +123,9 @@ class Batcher:
         return {"stream": self.stream.state_dict(), "pool": pool}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "stream" not in state:
+            raise ValueError("the checkpoint's data position predates row packing (it has no packing pool): resume it "
+                             "with the electra-triton that wrote it, or start a new run in another --output-dir")
         self.stream.load_state_dict(state["stream"])
         self._reset_pool()
         for example in state["pool"]:
