@@ -322,3 +322,29 @@ def test_pretrainer_step_on_packed_rows_kernels_and_reference_agree(device):
             torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
     finally:
         _dispatch.set_kernel_mode(previous)
+
+
+@pytest.mark.slow
+def test_pretrain_packs_through_the_kernels(tmp_path, device, capsys):
+    """`pretrain` with the kernels (compiled, or in the interpreter): packing on by default, the loader's plan
+    carried to the encoders by the training loop."""
+    import json
+
+    from test_pretrain_data import micro_config
+
+    from electra_triton.pretrain import run
+
+    if device == "cpu" and not _dispatch.INTERPRET:
+        pytest.skip("runs the kernels on a GPU or in Triton's interpreter (TRITON_INTERPRET=1, set by conftest)")
+    heads = {"num_attention_heads": 1, "hidden_size": 32}  # a head dim the attention kernel takes
+    cfg = micro_config(tmp_path, kernels="auto", device="auto", max_steps=2, discriminator={**MICRO_MODEL, **heads},
+                       generator={**MICRO_GENERATOR, **heads})
+    previous = _dispatch.get_kernel_mode()
+    try:
+        assert run(cfg) == 0
+    finally:
+        _dispatch.set_kernel_mode(previous)
+    said = capsys.readouterr().err
+    assert "packing: on" in said and "through the encoder's unpad_plan" in said
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["fill"] > 0.9 for m in metrics)
