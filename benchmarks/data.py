@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the results as JSON into this folder (data.json)")
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--scaling-runs", type=int, default=3)
-    parser.add_argument("--scaling-copies", type=int, default=8, help="copies of the long-document corpus that "
+    parser.add_argument("--scaling-copies", type=int, default=24, help="copies of the long-document corpus that "
                         "prepare tokenizes in the worker-scaling measurement")
     parser.add_argument("--skip-prepare-scaling", action="store_true")
     parser.add_argument("--toy", action="store_true", help="a smoke run: 40 standard-library modules, short timings")

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from .config import BUILTIN_CORPUS, PRESETS
@@ -131,7 +132,8 @@ def _init_worker(tokenizer_dir: str) -> None:
     global _worker_tokenizer
     # One process per core is the parallelism; the tokenizer's own threads would only compete with the others.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_tokenizer = load_tokenizer(tokenizer_dir).backend_tokenizer
+    # The fast tokenizer's own file (save_pretrained wrote it): loads in milliseconds, as each worker starts.
+    _worker_tokenizer = Tokenizer.from_file(str(pathlib.Path(tokenizer_dir) / "tokenizer.json"))
 
 
 def tokenize_unit(unit: Unit) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -229,6 +231,9 @@ def prepare(corpus: list[str], output_dir: str, tokenizer: str | None = None, vo
                 "your own)")
             tokenizer_object = train_tokenizer(sources, vocab_size, tokenizer_train_docs, max_seq_len)
         tokenizer_object.save_pretrained(staging / TOKENIZER_DIR)
+        if not (staging / TOKENIZER_DIR / "tokenizer.json").is_file():
+            raise ValueError(f"--tokenizer {tokenizer}: not a fast (Rust `tokenizers`) tokenizer, which prepare's "
+                             "workers need: convert it (AutoTokenizer.from_pretrained(..., use_fast=True)) and save it")
         manifest = _tokenize(work_units(sources, unit_bytes), staging, tokenizer_object, workers, shard_tokens,
                              progress)
         manifest.update({"corpus": list(corpus), "max_seq_len": max_seq_len})
