@@ -39,9 +39,10 @@ def _batches() -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-# The model's fused forwards: attention, LayerNorm (dropout + residual + LayerNorm), GELU-linear, RTD loss.
-FUSED_FORWARDS = {"electra_triton::attention_forward", "electra_triton::dropout_add_layer_norm_forward",
-                  "electra_triton::gelu_linear_forward", "electra_triton::rtd_loss_forward"}
+# The model's fused forwards: attention on the packed QKV projection, LayerNorm (dropout + residual +
+# LayerNorm), GELU-linear, RTD loss.
+FUSED_FORWARDS = {"electra_triton::attention_qkvpacked_forward", "electra_triton::gelu_linear_forward",
+                  "electra_triton::dropout_add_layer_norm_forward", "electra_triton::rtd_loss_forward"}
 
 
 def _train(model, batches, rank=0, world=1) -> set[str]:
