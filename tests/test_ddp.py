@@ -4,6 +4,7 @@ match one process on the whole batch, and every fused forward of the model ran i
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -84,6 +85,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_and_fsdp_two_cpu_processes_match_one(tmp_path):
     # Each rank's loss is the mean over its own active tokens; with equal active counts per shard, DDP's gradient
     # average equals the single-process gradient of the mean over the whole batch.
