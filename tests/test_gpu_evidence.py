@@ -88,6 +88,8 @@ def test_toy_run_of_the_checks_kernels_and_steps(tmp_path):
     assert {(run["task"], run["backend"]) for run in runs} == {
         (task, backend) for task in ("pretrain", "finetune") for backend in ("hf-sdpa", "electra-triton")}
     assert payload["ceilings"]["matmul_tflops"] > 0
+    cache = payload["triton_cache"]
+    assert cache["dir"] and cache["entries_at_end"] >= cache["entries_at_start"] >= 0
     markdown = (tmp_path / "evidence.md").read_text()
     assert "## Correctness" in markdown and "## Kernel headline cases" in markdown and "## End to end" in markdown
     if runner.plots.available():

@@ -152,6 +152,16 @@ def _worker_task(names: list[str], settings: dict[str, Any], warm: bool) -> list
     return records
 
 
+def triton_cache_entries() -> tuple[str, int]:
+    """Triton's on-disk compile cache and how many entries it holds (one folder per compiled kernel variant)."""
+    import triton
+
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older ones read the variable directly
+    folder = pathlib.Path(knobs.cache.dir if knobs else os.environ.get(
+        "TRITON_CACHE_DIR", pathlib.Path.home() / ".triton" / "cache"))
+    return str(folder), sum(1 for _ in folder.iterdir()) if folder.is_dir() else 0
+
+
 class Run:
     """One invocation: the budget, the records, and the files in --out."""
 
@@ -163,6 +173,9 @@ class Run:
         self.payload = {**environment(), "toy": ctx.toy, "budget_s": budget_s, "workers": workers,
                         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                         "kernel_mode": {}, "ceilings": None, "estimates": {}, "parts": []}
+        folder, entries = triton_cache_entries()
+        # Entries added during the run = kernel variants compiled here: with a carried cache, the misses.
+        self.payload["triton_cache"] = {"dir": folder, "entries_at_start": entries, "entries_at_end": entries}
 
     def remaining(self) -> float:
         return self.budget_s - (time.perf_counter() - self.start)
@@ -268,6 +281,7 @@ class Run:
         order = [p.name for p in PARTS] + list(WAITING_FOR)
         self.payload["parts"] = sorted(self.records.values(), key=lambda r: order.index(r["name"]))
         self.payload["seconds"] = time.perf_counter() - self.start
+        self.payload["triton_cache"]["entries_at_end"] = triton_cache_entries()[1]
         write_json(self.out / "evidence.json", self.payload)
         (self.out / "evidence.md").write_text(render_markdown(self.payload))
 
