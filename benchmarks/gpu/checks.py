@@ -273,8 +273,9 @@ def model_rows(ctx: Context, role: str, model_cls: type, label: str, run_ours: C
 
 def patched_models(ctx: Context) -> list[dict]:
     """ELECTRA-base discriminator (attention, GELU-linear, LayerNorm, RTD loss) and generator (MLM loss), patched."""
-    return (model_rows(ctx, "discriminator", ElectraForPreTraining, "ElectraForPreTraining (base)")
-            + model_rows(ctx, "generator", ElectraForMaskedLM, "ElectraForMaskedLM (base generator)"))
+    size = "micro" if ctx.toy else "base"
+    return (model_rows(ctx, "discriminator", ElectraForPreTraining, f"ElectraForPreTraining ({size})")
+            + model_rows(ctx, "generator", ElectraForMaskedLM, f"ElectraForMaskedLM ({size} generator)"))
 
 
 def compiled_model(ctx: Context) -> list[dict]:

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import importlib.util
 import logging
 import multiprocessing
 import os
@@ -75,6 +76,8 @@ PARTS = [
          toy_s=15, timed=True, warm_lane="e2e"),
     Part("e2e/pretrain-electra-triton-compile", timed.end_to_end("pretrain", ("electra-triton-compile",)), 150,
          compile_s=100, toy_s=15, timed=True, warm_lane="e2e"),
+    *([Part("projection/anatomy", timed.anatomy_projection, 60, toy_s=20)]
+      if importlib.util.find_spec("benchmarks.anatomy") else []),
 ]
 
 WAITING_FOR = {  # parts that other branches are building; recorded as skipped, with why, until they land
@@ -286,6 +289,9 @@ class Run:
         self.payload["parts"] = sorted(self.records.values(), key=lambda r: order.index(r["name"]))
         self.payload["seconds"] = time.perf_counter() - self.start
         self.payload["triton_cache"]["entries_at_end"] = triton_cache_entries()[1]
+        projections = [row for r in self.payload["parts"] if r["group"] == "projection" for row in r["results"]]
+        runs = [run for r in self.payload["parts"] if r["group"] == "e2e" for run in r["results"] if "backend" in run]
+        timed.attach_projections(runs, projections, self.payload["device"])
         write_json(self.out / "evidence.json", self.payload)
         (self.out / "evidence.md").write_text(render_markdown(self.payload))
 
@@ -304,7 +310,7 @@ CHECK_COLUMNS = ("op", "case", "dtype", "tensor", "ok", "error", "plain_error", 
 KERNEL_COLUMNS = ("op", "impl", "case", "dtype", "pass", "ms", "tflops", "gbps", "fraction_of_ceiling", "speedup",
                   "vs", "note")
 RUN_COLUMNS = ("task", "preset", "seq_len", "batch_size", "backend", "status", "tokens_per_s", "step_ms", "mfu",
-               "peak_mem_gb", "speedup_vs_hf-sdpa", "mem_vs_hf-sdpa")
+               "peak_mem_gb", "speedup_vs_hf-sdpa", "mem_vs_hf-sdpa", "projected_step_ms", "measured_over_projected")
 
 
 def render_markdown(payload: dict[str, Any]) -> str:

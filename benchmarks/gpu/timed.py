@@ -151,3 +151,33 @@ def summary(results: list[dict[str, Any]]) -> str:
                                                               else r["status"]) for r in results)
     ours = [r for r in results if r.get("speedup")]
     return "; ".join(f"{r['case']} {r['pass']}: {r['speedup']:.2f}x vs {r['vs']}" for r in ours[:4])
+
+
+# ---------------------------------------------------------------------------------------------------------- projection
+
+PROJECTED_KEYS = ("task", "preset", "seq_len", "batch_size", "backend")
+
+
+def anatomy_projection(ctx: Context) -> list[dict]:
+    """Part (d): the step anatomy's PROJECTED step time for the sizes e2e/pretrain-* measure (traced on fake tensors:
+    host work only, so it runs beside the checks)."""
+    from .. import anatomy
+
+    preset, seq_len, batch_size = ("tiny", 16, 2) if ctx.toy else ("base", 512, 32)
+    payload = anatomy.run(preset, seq_len, batch_size, ("hf-sdpa", "electra-triton"))
+    return [{"task": "pretrain", "preset": preset, "seq_len": seq_len, "batch_size": batch_size,
+             "backend": run["backend"], "label": payload["label"], "projected_step_ms": run["projected_step_ms"],
+             "projected_step_ms_h200": run["projected_step_ms_h200"], "host_syncs": run["host_syncs"],
+             "device_ops": run["device_ops"],
+             "projected_head_ms": (run.get("generator_head") or {}).get("projected_ms")} for run in payload["runs"]]
+
+
+def attach_projections(runs: list[dict], projections: list[dict], device: str) -> None:
+    """Give each measured run its projection (the device's: H200 or H100) and measured / projected, in place."""
+    column = "projected_step_ms_h200" if "H200" in device.upper() else "projected_step_ms"
+    for run in runs:
+        match = next((p for p in projections if all(p[k] == run.get(k) for k in PROJECTED_KEYS)), None)
+        if match is not None:
+            run["projected_step_ms"] = match[column]
+            run["measured_over_projected"] = (run["step_ms"] / match[column]
+                                              if run.get("step_ms") and match[column] else None)
