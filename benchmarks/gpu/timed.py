@@ -98,8 +98,9 @@ class PartFailedError(Exception):
 
 def torchrun_flags(ctx: Context, out: pathlib.Path, fsdp: bool) -> list[str]:
     """`python -m torch.distributed.run --nproc_per_node 1 -m electra_triton.pretrain` on the tiny preset: 20 steps
-    with the kernels on (TOY: 2 steps of a micro model on the references)."""
-    flags = ["--max-steps", "20", "--log-every", "5", "--kernels", "auto", "--tokenizer-train-docs", "2000"]
+    with the kernels on (a warm-up: 2 steps; TOY: 2 steps of a micro model on the references)."""
+    flags = ["--max-steps", "2" if ctx.warm else "20", "--log-every", "1" if ctx.warm else "5", "--kernels", "auto",
+             "--tokenizer-train-docs", "2000"]
     if ctx.toy:
         flags = ["--max-steps", "2", "--log-every", "1", "--kernels", "reference", "--tokenizer-train-docs", "300",
                  "--vocab-size", "300", "--batch-size", "2", "--max-seq-len", "32"]
@@ -114,7 +115,7 @@ def single_gpu_torchrun(fsdp: bool) -> Callable[[Context], list[dict]]:
     """Issue 18, item 5. Without --fsdp one process builds no process group; with it, FSDP2 over NCCL (gloo on CPU)
     runs the patched models. Results: exit code, seconds, the last metrics line, the output's tail."""
     def part(ctx: Context) -> list[dict]:
-        name = f"torchrun{'-fsdp' if fsdp else ''}"
+        name = f"torchrun{'-fsdp' if fsdp else ''}{'-warm' if ctx.warm else ''}"
         out, log = ctx.scratch / name, ctx.scratch / f"{name}.log"
         command = torchrun_flags(ctx, out, fsdp)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPOSITORY),
