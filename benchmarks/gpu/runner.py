@@ -147,13 +147,28 @@ def run_part(part: Part, ctx: Context) -> dict[str, Any]:
     return record
 
 
+@contextlib.contextmanager
+def kernel_mode_for(part: Part, device: torch.device) -> Iterator[str]:
+    """The ops' kernel mode while a part runs: timed parts on CPU (TOY) time the references, as the kernel suite
+    does (the interpreter's speed means nothing); everything else keeps the current mode."""
+    previous = get_kernel_mode()
+    mode = "reference" if part.timed and device.type == "cpu" else previous
+    set_kernel_mode(mode)
+    try:
+        yield mode
+    finally:
+        set_kernel_mode(previous)
+
+
 def _worker_task(names: list[str], settings: dict[str, Any], warm: bool) -> list[dict[str, Any]]:
     """In a worker process: run these parts in order (warm: to fill the compile caches, results dropped)."""
     logging.basicConfig(level=logging.INFO, format="[worker %(process)d] %(message)s")
     ctx = Context.from_settings(settings, warm)
     records = []
     for name in names:
-        record = run_part(next(p for p in PARTS if p.name == name), ctx)
+        part = next(p for p in PARTS if p.name == name)
+        with kernel_mode_for(part, ctx.device):
+            record = run_part(part, ctx)
         if warm:
             record = {"name": name, "status": "warm" if record["status"] == "ok" else record["status"],
                       "seconds": record["seconds"], "reason": record.get("reason")}
@@ -269,20 +284,16 @@ class Run:
         for part in parts:
             if part.name in self.records or not self.fits(part):
                 continue
-            mode = "reference" if part.timed and self.ctx.device.type == "cpu" else get_kernel_mode()
-            previous = get_kernel_mode()
-            set_kernel_mode(mode)
-            self.payload["kernel_mode"][part.group] = mode
             try:
-                if part.timed and self.payload["ceilings"] is None:
-                    self.payload["ceilings"] = self.ctx.bench.ceilings
-                with deadline_alarm(self.remaining()):
-                    record = run_part(part, self.ctx)
+                with kernel_mode_for(part, self.ctx.device) as mode:
+                    self.payload["kernel_mode"][part.group] = mode
+                    if part.timed and self.payload["ceilings"] is None:
+                        self.payload["ceilings"] = self.ctx.bench.ceilings
+                    with deadline_alarm(self.remaining()):
+                        record = run_part(part, self.ctx)
             except BudgetExceeded as error:
                 record = {"name": part.name, "group": part.group, "status": "failed", "results": [],
                           "reason": str(error), "seconds": self.estimate(part)}
-            finally:
-                set_kernel_mode(previous)
             self.record(part, record, "main")
 
     # ------------------------------------------------------------------------------------------------- output
