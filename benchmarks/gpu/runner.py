@@ -15,6 +15,7 @@ import os
 import pathlib
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -390,14 +391,15 @@ def main(argv: list[str] | None = None) -> int:
         h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(h)
     logger.setLevel(logging.INFO)
+    # `timeout` sends SIGTERM: end through the finally blocks, so that the worker processes are terminated too.
+    previous_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="gpu-evidence-"))
-    ctx = Context(device, device.type != "cuda", scratch)
-    run = Run(args.out, args.budget_s, ctx, workers)
-    run.payload["estimates"] = {p.name: {"estimate_s": p.estimate_s, "compile_s": p.compile_s, "toy_s": p.toy_s}
-                                for p in PARTS}
-    logger.info("%s%s, budget %.0f s, %d workers, parts: %s", "TOY RUN ON CPU: " if ctx.toy else "",
-                run.payload["device"], args.budget_s, workers, ", ".join(p.name for p in parts))
     try:
+        run = Run(args.out, args.budget_s, Context(device, device.type != "cuda", scratch), workers)
+        run.payload["estimates"] = {p.name: {"estimate_s": p.estimate_s, "compile_s": p.compile_s, "toy_s": p.toy_s}
+                                    for p in PARTS}
+        logger.info("%s%s, budget %.0f s, %d workers, parts: %s", "TOY RUN ON CPU: " if run.ctx.toy else "",
+                    run.payload["device"], args.budget_s, workers, ", ".join(p.name for p in parts))
         for name, reason in WAITING_FOR.items():
             if not args.parts or name in args.parts or name.split("/")[0] in args.parts:
                 run.records[name] = {"name": name, "group": name.split("/")[0], "status": "skipped", "seconds": 0.0,
@@ -409,9 +411,14 @@ def main(argv: list[str] | None = None) -> int:
         written = run.plots()
         logger.info("wrote %s", ", ".join(str(p) for p in [args.out / "evidence.json", args.out / "evidence.md",
                                                            args.out / "evidence.log", *written]))
+        for record in run.payload["parts"]:  # the last lines of the output: what a truncated console shows
+            logger.info("%-8s %-40s %6.1f s  %s", record["status"], record["name"], record["seconds"],
+                        record.get("reason") or (timed.summary(record["results"]) if record["group"] in (
+                            "kernels", "e2e") else ""))
         failed = [r["name"] for r in run.payload["parts"] if r["status"] == "failed"]
         logger.info("failed parts: %s", ", ".join(failed) or "none")
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         shutil.rmtree(scratch, ignore_errors=True)
         for h in (handler, console):
             logger.removeHandler(h)
