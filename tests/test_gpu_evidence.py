@@ -14,7 +14,7 @@ REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
 if str(REPOSITORY) not in sys.path:  # benchmarks/ is not installed; it runs from the checkout
     sys.path.insert(0, str(REPOSITORY))
 
-from benchmarks.gpu import checks, runner  # noqa: E402
+from benchmarks.gpu import checks, runner, targets  # noqa: E402
 from benchmarks.gpu.context import Context  # noqa: E402
 from electra_triton import ops  # noqa: E402
 from electra_triton.accuracy import accuracy  # noqa: E402
@@ -94,7 +94,7 @@ def test_toy_run_of_the_checks(tmp_path):
     assert "## Correctness" in (tmp_path / "evidence.md").read_text()
 
 
-def test_toy_run_of_the_kernels_and_steps(tmp_path):
+def test_toy_run_of_the_kernels_and_steps(tmp_path, capsys):
     by_name = _run_toy(tmp_path, STEP_PARTS)
     kernel_rows = [row for name, part in by_name.items() if name.startswith("kernels") for row in part["results"]]
     assert all(row.keys() >= KERNEL_ROW_KEYS for row in kernel_rows)
@@ -104,6 +104,9 @@ def test_toy_run_of_the_kernels_and_steps(tmp_path):
     assert all(run.keys() >= RUN_KEYS and run["status"] == "ok" for run in runs)
     assert {(run["task"], run["backend"]) for run in runs} == {
         (task, backend) for task in ("pretrain", "finetune") for backend in ("hf-sdpa", "electra-triton")}
+    by_backend = {run["backend"]: run for run in runs if run["task"] == "pretrain"}
+    ours, stock = by_backend["electra-triton"], by_backend["hf-sdpa"]  # measured by two parts, compared across them
+    assert ours["speedup_vs_hf-sdpa"] == pytest.approx(ours["tokens_per_s"] / stock["tokens_per_s"])
     if HAS_PROJECTION:  # the anatomy's projection beside each measured pre-training step
         assert all(run["projected_step_ms"] > 0 and run["measured_over_projected"] > 0 for run in runs
                    if run["task"] == "pretrain")
@@ -116,6 +119,15 @@ def test_toy_run_of_the_kernels_and_steps(tmp_path):
     if runner.plots.available():
         assert (tmp_path / "kernels_speedup.png").stat().st_size > 0
         assert (tmp_path / "pretrain_throughput.png").stat().st_size > 0
+
+    # NOTES.md and the README's rows come from the evidence: every target, its value read off the runs, met or not.
+    assert runner.main(["--notes", str(tmp_path)]) == 0
+    notes = (tmp_path / "NOTES.md").read_text()
+    assert notes.startswith("**TOY RUN ON CPU") and all(target.text in notes for target in targets.TARGETS)
+    verdict = next(v for v in targets.verdicts(payload) if v["target"].startswith("pre-training step base/512: tok"))
+    assert verdict["measured"] == pytest.approx(ours["speedup_vs_hf-sdpa"]) and verdict["met"] is not None
+    rows = capsys.readouterr().out
+    assert rows.count("\n| ") >= len(targets.TARGETS) - 1 and "not measured" in rows  # e.g. the torchrun, not run
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import datetime
 import importlib.util
+import json
 import logging
 import multiprocessing
 import os
@@ -27,9 +28,9 @@ import torch
 
 from electra_triton.ops import get_kernel_mode, set_kernel_mode
 
-from .. import plots
+from .. import plots, pretrain
 from ..common import environment, markdown_table, write_json
-from . import checks, timed
+from . import checks, targets, timed
 from .context import Context
 
 logger = logging.getLogger("benchmarks.gpu")
@@ -66,6 +67,7 @@ PARTS = [
     Part("kernels/gelu_linear", timed.headline_gelu_linear, 50, compile_s=35, toy_s=5, timed=True),
     Part("kernels/layer_norm", timed.headline_layer_norm, 30, compile_s=20, toy_s=5, timed=True),
     Part("kernels/rtd_loss", timed.headline_rtd_loss, 12, compile_s=5, toy_s=5, timed=True),
+    Part("kernels/attention-varlen", timed.headline_attention_varlen, 35, compile_s=10, toy_s=10, timed=True),
     Part("e2e/pretrain-hf-sdpa", timed.end_to_end("pretrain", ("hf-sdpa",)), 30, toy_s=10, timed=True),
     Part("e2e/pretrain-electra-triton", timed.end_to_end("pretrain", ("electra-triton",)), 45, compile_s=20,
          toy_s=10, timed=True, warm_lane="e2e"),
@@ -196,7 +198,7 @@ class Run:
         self.records: dict[str, dict[str, Any]] = {}
         self.warmed: set[str] = set()
         self.payload = {**environment(), "toy": ctx.toy, "budget_s": budget_s, "workers": workers,
-                        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         "kernel_mode": {}, "ceilings": None, "estimates": {}, "parts": []}
         folder, entries = triton_cache_entries()
         # Entries added during the run = kernel variants compiled here: with a carried cache, the misses.
@@ -254,9 +256,9 @@ class Run:
                     names, warm = pending.pop(handle)
                     try:
                         records = handle.get()
-                    except Exception as error:  # the worker died (a crash in native code, say)
+                    except Exception as error:  # the task failed outside a part (a worker that cannot import)
                         records = [{"name": n, "status": "failed", "seconds": 0.0, "results": [],
-                                    "reason": f"worker died: {type(error).__name__}: {error}"} for n in names]
+                                    "reason": f"worker task: {type(error).__name__}: {error}"} for n in names]
                     for record in records:
                         self._from_worker(record, warm)
                 time.sleep(0.2)
@@ -306,6 +308,7 @@ class Run:
         projections = [row for r in self.payload["parts"] if r["group"] == "projection" for row in r["results"]]
         runs = [run for r in self.payload["parts"] if r["group"] == "e2e" for run in r["results"] if "backend" in run]
         timed.attach_projections(runs, projections, self.payload["device"])
+        pretrain._ratios(runs)  # the targets' ratios across parts (each part runs benchmarks.pretrain on its own)
         write_json(self.out / "evidence.json", self.payload)
         (self.out / "evidence.md").write_text(render_markdown(self.payload))
 
@@ -373,7 +376,15 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: min(8, CPUs / 2) on CUDA, 0 = all in this process on CPU)")
     parser.add_argument("--worker-share", type=float, default=0.5, help="of the budget, at most, for the workers")
     parser.add_argument("--device", help="default: cuda when available, else cpu (TOY)")
+    parser.add_argument("--notes", type=pathlib.Path, metavar="DIR", help="measure nothing: write DIR/NOTES.md (each "
+                        "target, measured value, met or not) from DIR/evidence.json and print the README's rows")
     args = parser.parse_args(argv)
+    if args.notes:
+        evidence = json.loads((args.notes / "evidence.json").read_text())
+        (args.notes / "NOTES.md").write_text(targets.notes_markdown(evidence))
+        print(f"wrote {args.notes / 'NOTES.md'}; the README's results table rows:\n")
+        print(targets.readme_rows(evidence, str(args.notes)))
+        return 0
     if args.list:
         for part in PARTS:
             print(f"{part.name:45s} {part.estimate_s:5.0f} s (compile {part.compile_s:3.0f} s) toy {part.toy_s:.0f} s")

@@ -47,6 +47,12 @@ def headline_attention(ctx: Context) -> list[dict]:
     return add_speedups(rows)
 
 
+def headline_attention_varlen(ctx: Context) -> list[dict]:
+    """~16k real tokens of lengths U[32, 512]: varlen against the padded impls on the batch padded to 512."""
+    bench = _bench(ctx)
+    return add_speedups([row for dtype in bench.dtypes for row in attention.varlen_case(bench, dtype)])
+
+
 def headline_gelu_linear(ctx: Context) -> list[dict]:
     return add_speedups(gelu_linear.run(_bench(ctx), shapes=None if ctx.toy else [(768, 3072), (3072, 768)]))
 
