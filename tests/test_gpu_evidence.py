@@ -227,3 +227,9 @@ def test_evaluate_returns_value_and_gradients_of_every_leaf():
     out, dx, dw = checks.evaluate(lambda a, b: a @ b.T, [x, w], torch.ones(3, 2), torch.float64)
     assert out.dtype == torch.float64 and torch.allclose(dx, w.double().sum(0).expand(3, 4))
     assert torch.allclose(dw, x.double().sum(0).expand(2, 4))
+
+
+def test_readme_results_table_lists_every_target():
+    readme = (REPOSITORY / "README.md").read_text()
+    missing = [t.text for t in targets.TARGETS if f"| {t.issues} | {t.text} |" not in readme]
+    assert not missing, f"README's results table lacks {missing}: paste `python -m benchmarks.gpu --notes` rows"

@@ -63,7 +63,7 @@ PARTS = [
       if "generator_head" in checks.OP_CHECKS else []),
     Part("correctness/patched-models", checks.patched_models, 45, toy_s=15),
     Part("correctness/torch-compile", checks.compiled_model, 90, toy_s=15),
-    Part("kernels/attention", timed.headline_attention, 45, compile_s=20, toy_s=10, timed=True),
+    Part("kernels/attention", timed.headline_attention, 60, compile_s=30, toy_s=10, timed=True),
     Part("kernels/gelu_linear", timed.headline_gelu_linear, 50, compile_s=35, toy_s=5, timed=True),
     Part("kernels/layer_norm", timed.headline_layer_norm, 30, compile_s=20, toy_s=5, timed=True),
     Part("kernels/rtd_loss", timed.headline_rtd_loss, 12, compile_s=5, toy_s=5, timed=True),
