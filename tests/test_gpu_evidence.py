@@ -233,3 +233,15 @@ def test_readme_results_table_lists_every_target():
     readme = (REPOSITORY / "README.md").read_text()
     missing = [t.text for t in targets.TARGETS if f"| {t.issues} | {t.text} |" not in readme]
     assert not missing, f"README's results table lacks {missing}: paste `python -m benchmarks.gpu --notes` rows"
+
+
+def test_worker_tasks_keep_each_lane_in_one_worker():
+    tasks = runner.worker_tasks(runner.PARTS)
+    checks_alone = [names for names, warm in tasks if not warm]
+    assert all(len(names) == 1 for names in checks_alone)
+    assert {names[0] for names in checks_alone} == {p.name for p in runner.PARTS if not p.timed}
+    warm = [names for names, is_warm in tasks if is_warm]
+    assert ["e2e/pretrain-electra-triton", "e2e/finetune"] in warm  # base/512 steps: one at a time on the device
+    assert ["e2e/pretrain-hf-sdpa-compile", "e2e/pretrain-electra-triton-compile"] in warm
+    assert all("e2e/pretrain-hf-sdpa" not in names for names in warm)  # nothing to compile: no warm-up
+    assert not any(p.wait_for_warm_up for p in runner.PARTS if p.timed and p.name.endswith("-compile"))

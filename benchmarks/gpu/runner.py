@@ -45,6 +45,7 @@ class Part:
     toy_s: float = 10.0  # on a 2-core CPU at toy size (the interpreter for the checks)
     timed: bool = False  # measures time: runs alone in the main process, after the worker phase
     warm_lane: str | None = None  # warm-ups of one lane run one after another in one worker (device memory)
+    wait_for_warm_up: bool = True  # False: the worker phase does not wait for it (the budget rarely reaches the part)
 
     @property
     def group(self) -> str:
@@ -78,9 +79,9 @@ PARTS = [
     # The same kernels as the run before it: its compilation is warm once that one's warm-up or run has been.
     Part("e2e/torchrun-1gpu-fsdp", timed.single_gpu_torchrun(fsdp=True), 35, toy_s=30, timed=True),
     Part("e2e/pretrain-hf-sdpa-compile", timed.end_to_end("pretrain", ("hf-sdpa-compile",)), 150, compile_s=100,
-         toy_s=15, timed=True, warm_lane="e2e"),
+         toy_s=15, timed=True, warm_lane="e2e-compile", wait_for_warm_up=False),
     Part("e2e/pretrain-electra-triton-compile", timed.end_to_end("pretrain", ("electra-triton-compile",)), 150,
-         compile_s=100, toy_s=15, timed=True, warm_lane="e2e"),
+         compile_s=100, toy_s=15, timed=True, warm_lane="e2e-compile", wait_for_warm_up=False),
     *([Part("projection/anatomy", timed.anatomy_projection, 60, toy_s=20)]
       if importlib.util.find_spec("benchmarks.anatomy") else []),
 ]
@@ -179,6 +180,18 @@ def _worker_task(names: list[str], settings: dict[str, Any], warm: bool) -> list
     return records
 
 
+def worker_tasks(parts: list[Part]) -> list[tuple[list[str], bool]]:
+    """(part names, warm-up?) per worker task: each check alone; the warm-ups of the timed parts that compile, those
+    of one lane together in order (one at a time on the device), the others alone."""
+    tasks: list[tuple[list[str], bool]] = [([p.name], False) for p in parts if not p.timed]
+    lanes: dict[str | None, list[str]] = {}
+    for part in parts:
+        if part.timed and part.compile_s > 0:
+            lanes.setdefault(part.warm_lane, []).append(part.name)
+    tasks += [(names, True) for lane, names in lanes.items() if lane is not None]
+    return tasks + [([name], True) for name in lanes.get(None, [])]
+
+
 def triton_cache_entries() -> tuple[str, int]:
     """Triton's on-disk compile cache and how many entries it holds (one folder per compiled kernel variant)."""
     import triton
@@ -233,17 +246,13 @@ class Run:
 
     # ------------------------------------------------------------------------------------------------- phases
     def worker_phase(self, parts: list[Part], share: float) -> None:
-        """Checks in parallel worker processes, beside warm-ups of the timed parts that compile; ends when all are
-        done or at `share` of the budget, whichever comes first (unfinished warm-ups only cost their estimate)."""
-        tasks: list[tuple[list[str], bool]] = [([p.name], False) for p in parts if not p.timed and self.fits(p)]
-        lanes: dict[str | None, list[str]] = {}
-        for part in parts:
-            if part.timed and part.compile_s > 0:
-                lanes.setdefault(part.warm_lane, []).append(part.name)
-        tasks += [(names, True) for lane, names in lanes.items() if lane is not None]
-        tasks += [([name], True) for name in lanes.get(None, [])]
+        """Checks in parallel worker processes, beside warm-ups of the timed parts that compile. Ends when the checks
+        and the warm-ups it waits for are done, or at `share` of the budget, whichever comes first; a warm-up still
+        running then is stopped (it only leaves that part's compilation to the part itself)."""
+        tasks = worker_tasks([p for p in parts if p.timed or self.fits(p)])
         if not tasks:
             return
+        waited = {p.name for p in parts if not p.timed or p.wait_for_warm_up}
         logger.info("worker phase: %d tasks on %d workers, for at most %.0f s", len(tasks), self.workers,
                     share * self.budget_s)
         pool = multiprocessing.get_context("spawn").Pool(self.workers)
@@ -251,7 +260,7 @@ class Run:
                    for names, warm in tasks}
         stop_at = self.start + share * self.budget_s
         try:
-            while pending and time.perf_counter() < stop_at:
+            while any(set(names) & waited for names, _ in pending.values()) and time.perf_counter() < stop_at:
                 for handle in [h for h in pending if h.ready()]:
                     names, warm = pending.pop(handle)
                     try:
