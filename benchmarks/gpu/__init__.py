@@ -35,8 +35,9 @@ training graph; on a cold machine that is most of the 8 minutes):
    them warm-ups of every timed part that compiles: the same benchmark code run once through a Bench that times
    nothing (context.WarmBench), the end-to-end parts for two steps, one after another in one worker (device memory).
    They fill Triton's on-disk cache (~/.triton/cache or TRITON_CACHE_DIR) and inductor's FX-graph and autotuning
-   caches, which the main process then hits. The phase ends when all are done or at --worker-share of the budget;
-   a part whose warm-up finished has its compile share taken off its estimate.
+   caches, which the main process then hits. The phase ends when the checks and the warm-ups are done (not waiting
+   for the -compile backends', which the budget rarely reaches) or at --worker-share of the budget; a part whose
+   warm-up finished has its compile share taken off its estimate.
 2. Serial phase (main process, alone on the device): the timed parts in order of value, each timing a warm cache.
    A warm Triton cache carried from elsewhere (TRITON_CACHE_DIR) helps only if its keys match the device machine's
    triton, CUDA and driver; benchmarks/README.md says how to check that in the first call.
