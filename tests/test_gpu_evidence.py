@@ -59,20 +59,16 @@ def test_accuracy_rule_as_data():
         accuracy(fp32[:3], fp32, exact)
 
 
-# The step anatomy (branch step13) is a part once benchmarks/anatomy.py exists.
-HAS_PROJECTION = any(part.group == "projection" for part in runner.PARTS)
 CHECK_PARTS = ["correctness"]
-STEP_PARTS = ["kernels", "e2e/pretrain-hf-sdpa", "e2e/pretrain-electra-triton", "e2e/finetune",
-              *(["projection"] if HAS_PROJECTION else [])]
+STEP_PARTS = ["kernels", "e2e/pretrain-hf-sdpa", "e2e/pretrain-electra-triton", "e2e/finetune", "projection"]
 SLOW_PARTS = ["e2e/torchrun-1gpu", "e2e/torchrun-1gpu-fsdp", "e2e/pretrain-hf-sdpa-compile",
               "e2e/pretrain-electra-triton-compile"]
 
 
 def _run_toy(out: pathlib.Path, parts: list[str]) -> dict[str, dict]:
-    """The command on these parts: every one ran and passed; the parts by name (those waiting for other branches
-    left out)."""
+    """The command on these parts: every one ran and passed; the parts by name."""
     assert runner.main(["--out", str(out), "--parts", *parts]) == 0
-    by_name = {name: part for name, part in _parts(_evidence(out)).items() if name not in runner.WAITING_FOR}
+    by_name = _parts(_evidence(out))
     assert set(by_name) == {p.name for p in runner.select(parts)}
     assert all(part["status"] == "ok" for part in by_name.values()), [p.get("reason") for p in by_name.values()]
     return by_name
@@ -83,7 +79,7 @@ def test_toy_run_of_the_checks(tmp_path):
     checked = [row for part in by_name.values() for row in part["results"]]
     assert all(row.keys() >= CHECK_KEYS and row["ok"] for row in checked)
     assert {row["op"] for row in checked} >= {"attention", "gelu_linear", "dropout_add_layer_norm", "rtd_loss",
-                                              "mlm_loss"}
+                                              "mlm_loss", "generator_head"}
     cases = {row["case"] for row in checked if row["op"] == "attention"}
     assert any("dropout" in case for case in cases) and any("varlen" in case for case in cases)
     dtypes = {row["dtype"] for row in checked}  # the rule's dtype: fp32 for rtd_loss's fp32 loss, as in its tests
@@ -107,9 +103,9 @@ def test_toy_run_of_the_kernels_and_steps(tmp_path, capsys):
     by_backend = {run["backend"]: run for run in runs if run["task"] == "pretrain"}
     ours, stock = by_backend["electra-triton"], by_backend["hf-sdpa"]  # measured by two parts, compared across them
     assert ours["speedup_vs_hf-sdpa"] == pytest.approx(ours["tokens_per_s"] / stock["tokens_per_s"])
-    if HAS_PROJECTION:  # the anatomy's projection beside each measured pre-training step
-        assert all(run["projected_step_ms"] > 0 and run["measured_over_projected"] > 0 for run in runs
-                   if run["task"] == "pretrain")
+    # The anatomy's projection beside each measured pre-training step.
+    assert all(run["projected_step_ms"] > 0 and run["measured_over_projected"] > 0 for run in runs
+               if run["task"] == "pretrain")
     payload = _evidence(tmp_path)
     assert payload["ceilings"]["matmul_tflops"] > 0
     cache = payload["triton_cache"]
@@ -194,8 +190,6 @@ def test_a_failing_part_is_recorded_with_its_traceback_and_the_next_one_runs(tmp
     assert by_name["kernels/next"]["status"] == "ok"
     log = (tmp_path / "evidence.log").read_text()
     assert "Traceback" in log and "RuntimeError: kernel launch failed" in log
-    # Parts other branches are building are listed, skipped, with the reason.
-    assert all(by_name[name]["status"] == "skipped" and by_name[name]["reason"] for name in runner.WAITING_FOR)
 
 
 def test_a_wrong_kernel_fails_its_check(tmp_path, monkeypatch):

@@ -9,8 +9,8 @@ Parts, in order of value (runner.PARTS, one line each with its estimate):
 
 (a) correctness/*: every op in bf16 and fp16 against float64 under the 2x rule (electra_triton.accuracy): attention
     with a key mask, with dropout through the kernel's keep-mask, varlen; gelu_linear; dropout_add_layer_norm with
-    the kernel's dropout mask; rtd_loss; the generator's mlm_loss. Then ELECTRA-base discriminator and generator,
-    patched, against stock transformers under bf16 autocast (loss, logits, every gradient); then
+    the kernel's dropout mask; rtd_loss; mlm_loss and the fused generator head. Then ELECTRA-base discriminator and
+    generator, patched, against stock transformers under bf16 autocast (loss, logits, every gradient); then
     torch.compile(fullgraph=True, inductor) of a patched model (checks.py).
 (b) kernels/*: attention L=512 (and 128) D=64 mask + dropout against each SDPA backend, varlen against the padded
     impls, gelu_linear on the FFN shapes against cuBLAS + GELU, LayerNorm and rtd_loss against the copy bandwidth,
@@ -18,7 +18,7 @@ Parts, in order of value (runner.PARTS, one line each with its estimate):
 (c) e2e/*: the pre-training step at base/512 for hf-sdpa and electra-triton, the fine-tuning step, issue 18's
     single-GPU torchrun with the kernels on (plain, and --fsdp, the only way one process meets NCCL), then the
     -compile backends, through benchmarks.pretrain (runs as it writes them).
-(d) projection/anatomy: the step anatomy's projection beside each measurement, once benchmarks/anatomy.py exists.
+(d) projection/anatomy: the step anatomy's PROJECTED step time beside each measured pre-training step.
 
 Afterwards, `python -m benchmarks.gpu --notes DIR` reads DIR/evidence.json and writes DIR/NOTES.md: every speed target
 of the open issues (targets.py), the value measured, met or not; and prints the README results table's rows.

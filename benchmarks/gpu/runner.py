@@ -8,7 +8,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import importlib.util
 import json
 import logging
 import multiprocessing
@@ -60,8 +59,7 @@ PARTS = [
     Part("correctness/dropout_add_layer_norm", checks.op_correctness("dropout_add_layer_norm"), 15, toy_s=5),
     Part("correctness/rtd_loss", checks.op_correctness("rtd_loss"), 10, toy_s=5),
     Part("correctness/mlm_loss", checks.op_correctness("mlm_loss"), 15, toy_s=5),
-    *([Part("correctness/generator_head", checks.op_correctness("generator_head"), 15, toy_s=5)]
-      if "generator_head" in checks.OP_CHECKS else []),
+    Part("correctness/generator_head", checks.op_correctness("generator_head"), 15, toy_s=5),
     Part("correctness/patched-models", checks.patched_models, 45, toy_s=15),
     Part("correctness/torch-compile", checks.compiled_model, 90, toy_s=15),
     Part("kernels/attention", timed.headline_attention, 60, compile_s=30, toy_s=10, timed=True),
@@ -82,16 +80,8 @@ PARTS = [
          toy_s=15, timed=True, warm_lane="e2e-compile", wait_for_warm_up=False),
     Part("e2e/pretrain-electra-triton-compile", timed.end_to_end("pretrain", ("electra-triton-compile",)), 150,
          compile_s=100, toy_s=15, timed=True, warm_lane="e2e-compile", wait_for_warm_up=False),
-    *([Part("projection/anatomy", timed.anatomy_projection, 60, toy_s=20)]
-      if importlib.util.find_spec("benchmarks.anatomy") else []),
+    Part("projection/anatomy", timed.anatomy_projection, 60, toy_s=20),
 ]
-
-WAITING_FOR = {  # parts that other branches are building; recorded as skipped, with why, until they land
-    name: reason for name, reason in (
-        ("correctness/generator_head", "electra_triton.ops.generator_head is not on this checkout (branch genhead13)"),
-        ("projection/anatomy", "benchmarks/anatomy.py is not on this checkout (branch step13)"),
-    ) if name not in {part.name for part in PARTS}
-}
 
 
 def select(patterns: list[str] | None) -> list[Part]:
@@ -310,7 +300,7 @@ class Run:
 
     # ------------------------------------------------------------------------------------------------- output
     def write(self) -> None:
-        order = [p.name for p in PARTS] + list(WAITING_FOR)
+        order = [p.name for p in PARTS]
         self.payload["parts"] = sorted(self.records.values(), key=lambda r: order.index(r["name"]))
         self.payload["seconds"] = time.perf_counter() - self.start
         self.payload["triton_cache"]["entries_at_end"] = triton_cache_entries()[1]
@@ -420,10 +410,6 @@ def main(argv: list[str] | None = None) -> int:
                                     for p in PARTS}
         logger.info("%s%s, budget %.0f s, %d workers, parts: %s", "TOY RUN ON CPU: " if run.ctx.toy else "",
                     run.payload["device"], args.budget_s, workers, ", ".join(p.name for p in parts))
-        for name, reason in WAITING_FOR.items():
-            if not args.parts or name in args.parts or name.split("/")[0] in args.parts:
-                run.records[name] = {"name": name, "group": name.split("/")[0], "status": "skipped", "seconds": 0.0,
-                                     "reason": reason, "results": []}
         if workers > 0:
             run.worker_phase(parts, args.worker_share)
         run.serial_phase(parts)

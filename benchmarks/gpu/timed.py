@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .. import attention, gelu_linear, layer_norm, pretrain, rtd_loss
+from .. import anatomy, attention, gelu_linear, layer_norm, pretrain, rtd_loss
 from ..common import Bench, add_speedups
 from .context import Context
 
@@ -169,8 +169,6 @@ PROJECTED_KEYS = ("task", "preset", "seq_len", "batch_size", "backend")
 def anatomy_projection(ctx: Context) -> list[dict]:
     """Part (d): the step anatomy's PROJECTED step time for the sizes e2e/pretrain-* measure (traced on fake tensors:
     host work only, so it runs beside the checks)."""
-    from .. import anatomy
-
     preset, seq_len, batch_size = ("tiny", 16, 2) if ctx.toy else ("base", 512, 32)
     payload = anatomy.run(preset, seq_len, batch_size, ("hf-sdpa", "electra-triton"))
     return [{"task": "pretrain", "preset": preset, "seq_len": seq_len, "batch_size": batch_size,
