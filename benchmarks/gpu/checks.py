@@ -76,8 +76,9 @@ def attention_rows(ctx: Context, dtype: torch.dtype) -> list[dict]:
         return out
 
     ours = evaluate(hf(with_mask), leaves, grad)
-    reference = lambda upcast: hf(lambda q, k, v: ops.attention_reference(q, k, v, mask, DROPOUT, dropout_mask=keep[0],
-                                                                          upcast=upcast))
+    applied_p = ops.quantized_attention_dropout_p(DROPOUT)  # the kernel's 8-bit draws drop a multiple of 1/256
+    reference = lambda upcast: hf(lambda q, k, v: ops.attention_reference(q, k, v, mask, applied_p,
+                                                                          dropout_mask=keep[0], upcast=upcast))
     rows += compare("attention", f"mask dropout={DROPOUT} (kernel's mask)", names, ours,
                     evaluate(reference(False), leaves, grad), evaluate(reference(True), leaves, grad, torch.float64))
 

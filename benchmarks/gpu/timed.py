@@ -71,7 +71,8 @@ def headline_rtd_loss(ctx: Context) -> list[dict]:
 
 def _pretrain_flags(ctx: Context, task: str) -> list[str]:
     if task == "finetune":  # no preset after --presets: the fine-tuning run only
-        sizes = ["--presets"] + (["--finetune-max-len", "24", "--finetune-batch-size", "2"] if ctx.toy else [])
+        # TOY: lengths U[32, 40], padded as the GPU run's U[32, 512] batches are.
+        sizes = ["--presets"] + (["--finetune-max-len", "40", "--finetune-batch-size", "2"] if ctx.toy else [])
     else:
         sizes = (["--presets", "tiny", "--seq-lens", "16", "--tokens-per-step", "32"] if ctx.toy
                  else ["--presets", "base", "--seq-lens", "512"]) + ["--no-finetune"]
