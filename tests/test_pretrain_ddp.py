@@ -112,7 +112,9 @@ def _free_ports(count: int) -> list[int]:
 
 
 def _losses(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """The training rows of metrics.jsonl (held-out evaluation rows, where written, say "split": "eval")."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if row.get("split", "train") == "train"]
 
 
 @pytest.fixture(scope="module")
