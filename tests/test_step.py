@@ -146,9 +146,6 @@ def test_step_runs_the_pretrainer_and_counts_its_metrics():
     assert values["rtd_count"] == mask.sum().item() and values["loss"] > 0 and values["grad_norm"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason="needs issue 12's encoder (integration12: takes unpad_plan, no sync), the "
-                   "fused generator head (genhead13: no nonzero) and pretrain.model.accepts_unpad_plan recognising "
-                   "that encoder (it takes the plan through **kwargs); measured zero with all three in a scratch merge")
 def test_whole_patched_step_takes_no_host_sync():
     # The configuration meant to run sync-free: patched models, a padded batch with the unpad plan the loader builds
     # on the CPU (when the patched encoder takes one).
