@@ -153,13 +153,12 @@ def test_whole_patched_step_takes_no_host_sync():
     step = _pretrain_step(model)
     ids, mask = _batch(B=2, L=16)
     batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
-    if accepts_unpad_plan(model.generator):
-        batch["unpad_plan"] = electra_triton.ops.unpad_plan(mask)
+    assert accepts_unpad_plan(model.generator) and accepts_unpad_plan(model.discriminator)
+    batch["unpad_plan"] = electra_triton.ops.unpad_plan(mask)
     step([batch])
     with OpTrace() as trace:
         step([batch])
     assert trace.host_syncs == 0, trace.sync_ops()
-
 
 
 def test_pretrain_loop_reads_metrics_on_logging_steps_only(tmp_path, monkeypatch):
