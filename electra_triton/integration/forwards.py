@@ -14,9 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.electra import modeling_electra as electra
 from transformers.models.roberta import modeling_roberta as roberta
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
 from .. import ops
+from .attention_backend import attention_maps_requested, eager_attention
 
 MARK = "_electra_triton"  # instance attribute of a patched module: {what is fused there: how}
 
@@ -121,6 +124,11 @@ def self_attention_forward(
     k = self.key(hidden_states).view(batch, seqlen, heads, head_dim)
     v = self.value(hidden_states).view(batch, seqlen, heads, head_dim)
     dropout_p = self.dropout.p if self.training else 0.0
+    if attention_maps_requested(self, kwargs):  # the kernel never forms the probabilities: eager for this call
+        out, probabilities = eager_attention(
+            self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask, dropout_p, self.scaling
+        )
+        return out.reshape(batch, seqlen, heads * head_dim), probabilities
     real = _key_padding_mask(attention_mask, batch, seqlen)
     unpad = None
     if real is not None and getattr(self, MARK)["attention"] == "auto" and not torch.compiler.is_compiling():
@@ -202,12 +210,17 @@ def lm_head_forward(
         return ops.mlm_loss(hidden, weight, bias, labels), None
 
 
+# The head-level forwards keep transformers' signatures and annotations (`**kwargs: Unpack[TransformersKwargs]`):
+# transformers' own tests and Trainer read them to learn what a model accepts and can return.
+
+
 @can_return_tuple
 def pretraining_forward(
     self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
     token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-    inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs: Any,
-) -> electra.ElectraForPreTrainingOutput:
+    inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor] | electra.ElectraForPreTrainingOutput:
     """ElectraForPreTraining.forward with the RTD loss fused into the discriminator head."""
     outputs = self.electra(
         input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
@@ -227,9 +240,9 @@ def pretraining_forward(
 def masked_lm_forward(
     self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
     token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-    inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None, skip_logits: bool | None = None,
-    **kwargs: Any,
-) -> electra.MaskedLMOutput:
+    inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None, *, skip_logits: bool | None = None,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor] | electra.MaskedLMOutput:
     """ElectraForMaskedLM.forward with the fused MLM loss; `skip_logits` defaults to `self.training and labels`."""
     outputs = self.electra(
         input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
