@@ -14,7 +14,9 @@ its rows into fp32 partials, summed by the launcher in a fixed order (determinis
 Variants by constexpr: no residual (the embeddings' LayerNorm), no dropout, no weight and/or no bias
 (elementwise_affine=False). Any number of rows, any hidden size up to 16384 (one row block must fit in registers),
 rows of any stride with unit stride along the hidden dim (the op makes other layouts contiguous). fp32, fp16, bf16
-inputs, fp32 statistics; output in the input dtype.
+inputs, fp32 statistics; output, d_x and d_residual in the input dtype. Weight and bias may be fp32 while x and the
+residual are fp16/bf16 (a 16-bit residual stream with fp32 parameters, as under autocast): they are read as fp32
+either way, and d_weight / d_bias come back in their own dtype.
 """
 
 
@@ -164,9 +166,11 @@ def dropout_add_layer_norm_forward(
 
 def dropout_add_layer_norm_backward(
     grad_y: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
-    has_bias: bool, mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, seed: int, offset: int,
+    bias_dtype: torch.dtype | None, mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, seed: int, offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """grad_y (rows, N) with unit column stride -> (d_x, d_residual or None, d_weight or None, d_bias or None)."""
+    """grad_y (rows, N) with unit column stride -> (d_x, d_residual or None, d_weight or None, d_bias or None), d_x
+    and d_residual in x's dtype, d_weight in weight's, d_bias in `bias_dtype` (None: no bias)."""
+    has_bias = bias_dtype is not None
     n_rows, n_cols = x.shape
     config = launch_config(n_cols, backward=True)
     rows_per_program = triton.cdiv(max(n_rows, 1), programs_per_device(x.device))
@@ -186,13 +190,14 @@ def dropout_add_layer_norm_backward(
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
     dw = partials[0].sum(dim=0).to(weight.dtype) if weight is not None else None
-    db = partials[1].sum(dim=0).to(x.dtype) if has_bias else None
+    db = partials[1].sum(dim=0).to(bias_dtype) if has_bias else None
     return dx, dres, dw, db
 
 
 def compile_targets(models: list[dict], arch: str) -> list[CompileTarget]:
     """Every configuration launched for the presets' hidden and embedding sizes: with and without residual and
-    dropout (and the debug mask store), affine LayerNorm as ELECTRA's, for each dtype."""
+    dropout (and the debug mask store), affine LayerNorm as ELECTRA's, for each dtype, and for fp16/bf16 activations
+    with fp32 weight and bias (the residual stream under autocast)."""
     sizes = sorted({m["hidden_size"] for m in models} | {m["embedding_size"] for m in models})
     targets = []
     for n_cols in sizes:
@@ -203,17 +208,19 @@ def compile_targets(models: list[dict], arch: str) -> list[CompileTarget]:
         scalars = {"eps": "fp32", "dropout_p": "fp32"}
         fwd_launch, bwd_launch = ({"num_warps": c["num_warps"], "num_stages": c["num_stages"],
                                    "multiplies_matrices": False} for c in (fwd, bwd))
-        for pointer in TRITON_POINTER_TYPES.values():
+        layouts = [(p, p) for p in TRITON_POINTER_TYPES.values()] + [("*fp16", "*fp32"), ("*bf16", "*fp32")]
+        for pointer, param_pointer in layouts:  # (activations, weight and bias)
             pointers = {
-                **dict.fromkeys(["x_ptr", "res_ptr", "w_ptr", "b_ptr", "y_ptr", "dy_ptr", "dx_ptr", "dres_ptr"],
-                                pointer),
+                **dict.fromkeys(["x_ptr", "res_ptr", "y_ptr", "dy_ptr", "dx_ptr", "dres_ptr"], pointer),
+                **dict.fromkeys(["w_ptr", "b_ptr"], param_pointer),
                 **dict.fromkeys(["mean_ptr", "rstd_ptr", "partial_dw_ptr", "partial_db_ptr"], "*fp32"),
                 "mask_ptr": "*u8",
             }
+            params = "" if param_pointer == pointer else f" params={param_pointer[1:]}"
             for residual in (True, False):
                 for dropout in (False, True):
                     flags = {"HAS_RESIDUAL": residual, "HAS_DROPOUT": dropout, "HAS_WEIGHT": True, "HAS_BIAS": True}
-                    what = f"N={n_cols} {pointer[1:]} residual={residual} dropout={dropout}"
+                    what = f"N={n_cols} {pointer[1:]}{params} residual={residual} dropout={dropout}"
                     for store_mask in (False, True) if dropout else (False,):
                         targets.append(specialized_target(
                             _dropout_add_ln_fwd_kernel, pointers=pointers, ints=ints, scalars=scalars,

@@ -92,8 +92,8 @@ def test_tuple_with_attentions_and_hidden_states(model_cls):
 
 def test_output_attentions_is_eager_for_that_call_only(monkeypatch, caplog):
     calls = []
-    original = ops.attention
-    monkeypatch.setattr(ops, "attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = ops.attention_qkvpacked
+    monkeypatch.setattr(ops, "attention_qkvpacked", lambda *a, **k: calls.append(1) or original(*a, **k))
     stock, patched = _pair(electra.ElectraForPreTraining, flags={"attention": "padded"})
     patched.config._attn_implementation = "sdpa"  # the default; the patched attention serves any
     inputs = _inputs(electra.ElectraForPreTraining)

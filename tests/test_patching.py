@@ -386,3 +386,30 @@ def test_bf16_accuracy_rule_on_gpu(model_cls):
             ours, plain, truth = ours[real], plain[real], truth[real]
         bound = 2 * (plain - truth).abs().max() + 1e-2 * truth.abs().max().clamp_min(1)
         assert (ours - truth).abs().max() <= bound, key
+
+
+def test_fp16_autocast_residual_stream_accuracy_rule():
+    # The patched residual stream stays fp16 under autocast (transformers': fp32). Against a float64 model, its hidden
+    # states and every parameter gradient may be off by at most 2x what transformers' own autocast run is, plus slack.
+    config = _config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    exact, _ = _pair(ElectraForPreTraining, config, dtype=torch.float64)
+    reference, patched = _pair(ElectraForPreTraining, config)
+    inputs, real = _batch(ElectraForPreTraining)
+    exact_out, _ = _run(exact, inputs, real)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        ref_out, _ = _run(reference, inputs, real)
+        out, _ = _run(patched, inputs, real)
+    assert out.hidden_states[-1].dtype == torch.float16  # no fp32 activation between the layers
+
+    def within_rule(ours, plain, truth, name):
+        ours, plain, truth = ours.double(), plain.double(), truth.double()
+        bound = 2 * (plain - truth).abs().max() + 2e-3 * truth.abs().max()
+        assert (ours - truth).abs().max() <= bound, name
+
+    for i, (ours, plain, truth) in enumerate(zip(out.hidden_states, ref_out.hidden_states, exact_out.hidden_states)):
+        within_rule(ours[real], plain[real], truth[real], f"hidden state {i}")
+    within_rule(out.logits[real], ref_out.logits[real], exact_out.logits[real], "logits")
+    plain_grads = dict(reference.named_parameters())
+    for name, param in exact.named_parameters():
+        if param.grad is not None:
+            within_rule(dict(patched.named_parameters())[name].grad, plain_grads[name].grad, param.grad, f"grad {name}")

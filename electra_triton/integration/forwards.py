@@ -4,8 +4,8 @@ Each reads its own module's parameters inside its own forward (what FSDP's per-m
 need) and what is fused there from the module's MARK attribute, set by `patch`.
 """
 
-import threading
-import weakref
+import inspect
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -28,7 +28,8 @@ MARK = "_electra_triton"  # instance attribute of a patched module: {what is fus
 # Dtypes: the ops take matching dtypes, so cast as transformers' modules would under autocast.
 
 
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on `device`, or None outside autocast."""
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
@@ -41,7 +42,7 @@ def _no_autocast(device: torch.device):
 
 def _linear_inputs(x: torch.Tensor, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """x, weight, bias in the dtype nn.Linear would compute in (the autocast dtype under autocast)."""
-    dtype = _autocast_dtype(x.device)
+    dtype = autocast_dtype(x.device)
     weight, bias = linear.weight, linear.bias
     if dtype is None:
         return x, weight, bias
@@ -60,34 +61,37 @@ def _gelu_linear(module: nn.Module, linear: nn.Linear, activation: nn.Module, x:
 def _layer_norm(
     module: nn.Module, norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor | None, dropout: nn.Module | None,
 ) -> torch.Tensor:
-    """LayerNorm(dropout(x) + residual), fused when the module's layer_norm flag is on."""
+    """LayerNorm(dropout(x) + residual), fused when the module's layer_norm flag is on.
+
+    Under autocast the fused path keeps the activations in the autocast dtype (fp32 weight, bias and statistics):
+    the residual stream stays 16-bit, where transformers runs LayerNorm in fp32 and so makes it fp32 (README).
+    """
     p = dropout.p if dropout is not None and module.training else 0.0
     if not getattr(module, MARK).get("layer_norm"):
         x = dropout(x) if dropout is not None else x
         return norm(x if residual is None else x + residual)
-    # As transformers computes it: x + residual promotes, and LayerNorm runs in fp32 under autocast.
-    dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    if _autocast_dtype(x.device) is not None:
-        dtype = torch.float32
+    dtype = autocast_dtype(x.device)
+    if dtype is None:
+        same = residual is None or residual.dtype == x.dtype  # (promote_types is an op to a dispatch mode)
+        dtype = x.dtype if same else torch.promote_types(x.dtype, residual.dtype)
+        weight, bias = norm.weight.to(dtype), norm.bias.to(dtype)
+    else:
+        weight, bias = norm.weight, norm.bias
     with _no_autocast(x.device):
-        return ops.dropout_add_layer_norm(
-            x.to(dtype), None if residual is None else residual.to(dtype), norm.weight.to(dtype),
-            norm.bias.to(dtype), norm.eps, p,
-        )
+        return ops.dropout_add_layer_norm(x.to(dtype), None if residual is None else residual.to(dtype), weight, bias,
+                                          norm.eps, p)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Fused forwards (bound to module instances by `patch`).
 
 
-_unpad_cache = threading.local()
-
-
 def _key_padding_mask(attention_mask: Any, batch: int, seqlen: int) -> torch.Tensor | None:
-    """The (B, L) bool key mask behind the mask transformers hands to attention, None when nothing is masked.
+    """The (B, L) bool key mask behind the mask the layer got, None when nothing is masked.
 
-    Encoder masks from create_bidirectional_mask are (B, 1, L or 1, L): bool (True = attend) for sdpa, additive
-    float (0 = attend) for eager; flash-style implementations pass the (B, L) 0/1 mask itself.
+    The patched encoder passes the (B, L) bool mask itself; transformers' own encoder forward (the fallback for
+    output_attentions) passes create_bidirectional_mask's (B, 1, L or 1, L): bool (True = attend) for sdpa, additive
+    float (0 = attend) for eager.
     """
     if attention_mask is None:
         return None
@@ -95,55 +99,47 @@ def _key_padding_mask(attention_mask: Any, batch: int, seqlen: int) -> torch.Ten
         row = attention_mask[:, 0, 0, :]
         real = row if row.dtype == torch.bool else row == 0
     else:
-        real = attention_mask != 0
+        real = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
     return real.expand(batch, seqlen)
 
 
-def _unpadded(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """(indices, cu_seqlens, max_seqlen) of the real tokens, or None when nothing is padded; computed once per mask
-    (every layer gets the same mask tensor), which keeps it to one host synchronisation per forward."""
-    cached = getattr(_unpad_cache, "entry", None)
-    if cached is not None and cached[0]() is mask:
-        return cached[1]
-    if bool(mask.all()):
-        result = None
-    else:
-        _, indices, cu_seqlens, max_seqlen = ops.unpad_input(mask[..., None], mask)
-        result = (indices, cu_seqlens, max_seqlen)
-    _unpad_cache.entry = (weakref.ref(mask), result)
-    return result
+def _packed_qkv_projection(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """One GEMM for q, k and v: the three Linear weights concatenated in the forward (parameters unchanged)."""
+    weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+    bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+    dtype = autocast_dtype(hidden_states.device)
+    if dtype is not None:  # one cast of the concatenated weight, not three
+        hidden_states, weight, bias = hidden_states.to(dtype), weight.to(dtype), bias.to(dtype)
+    with _no_autocast(hidden_states.device):
+        return F.linear(hidden_states, weight, bias)
 
 
 def self_attention_forward(
     self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
-    **kwargs: Any,
+    unpad_plan: ops.UnpadPlan | None = None, **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    batch, seqlen = hidden_states.shape[:2]
+    """Fused QKV GEMM + attention. hidden_states (B, L, hidden) with a key mask, or the real tokens (T, hidden) of
+    the patched encoder's `unpad_plan` (then varlen attention, each sequence to itself)."""
     heads, head_dim = self.num_attention_heads, self.attention_head_size
-    q = self.query(hidden_states).view(batch, seqlen, heads, head_dim)  # (B, L, H, D)
-    k = self.key(hidden_states).view(batch, seqlen, heads, head_dim)
-    v = self.value(hidden_states).view(batch, seqlen, heads, head_dim)
+    qkv = _packed_qkv_projection(self, hidden_states)
     dropout_p = self.dropout.p if self.training else 0.0
-    if attention_maps_requested(self, kwargs):  # the kernel never forms the probabilities: eager for this call
-        out, probabilities = eager_attention(
-            self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask, dropout_p, self.scaling
-        )
+    if unpad_plan is None and attention_maps_requested(self, kwargs):
+        # The kernel never forms the probabilities: transformers' eager attention for this call (transformers' own
+        # encoder forward runs then, so the layout is padded and the mask is transformers').
+        batch, seqlen = hidden_states.shape[:2]
+        q, k, v = qkv.view(batch, seqlen, 3, heads, head_dim).transpose(1, 3).unbind(2)  # (B, H, L, D) each
+        out, probabilities = eager_attention(self, q, k, v, attention_mask, dropout_p, self.scaling)
         return out.reshape(batch, seqlen, heads * head_dim), probabilities
-    real = _key_padding_mask(attention_mask, batch, seqlen)
-    unpad = None
-    if real is not None and getattr(self, MARK)["attention"] == "auto" and not torch.compiler.is_compiling():
-        unpad = _unpadded(real)
-    with _no_autocast(q.device):
-        if unpad is None:
-            out = ops.attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), real, dropout_p, self.scaling
-            ).transpose(1, 2)  # (B, L, H, D)
-        else:
-            indices, cu_seqlens, max_seqlen = unpad
-            packed = [t.reshape(batch * seqlen, heads, head_dim).index_select(0, indices) for t in (q, k, v)]
-            out = ops.attention_varlen(*packed, cu_seqlens, max_seqlen, dropout_p, self.scaling)
-            out = ops.pad_input(out, indices, batch, seqlen)  # (B, L, H, D)
-    return out.reshape(batch, seqlen, heads * head_dim), None
+    with _no_autocast(qkv.device):
+        if unpad_plan is not None:
+            tokens = hidden_states.shape[0]
+            out = ops.attention_varlen_qkvpacked(qkv.view(tokens, 3, heads, head_dim), unpad_plan.cu_seqlens,
+                                                 unpad_plan.max_seqlen, dropout_p, self.scaling)
+            return out.view(tokens, heads * head_dim), None
+        batch, seqlen = hidden_states.shape[:2]
+        real = _key_padding_mask(attention_mask, batch, seqlen)
+        out = ops.attention_qkvpacked(qkv.view(batch, seqlen, 3, heads, head_dim), real, dropout_p, self.scaling)
+    return out.view(batch, seqlen, heads * head_dim), None
 
 
 def residual_output_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
@@ -212,6 +208,36 @@ def lm_head_forward(
 
 # The head-level forwards keep transformers' signatures and annotations (`**kwargs: Unpack[TransformersKwargs]`):
 # transformers' own tests and Trainer read them to learn what a model accepts and can return.
+
+_presented: dict[tuple[Callable, Callable], Callable] = {}
+
+
+def with_transformers_signature(stock: Callable, fused: Callable) -> Callable:
+    """`fused` as a forward with `stock`'s signature, annotations and positional order (a model class's own forward),
+    plus `fused`'s extra named parameters as keyword-only ones. Positional arguments reach `fused` by their names in
+    `stock`, so a fused forward may take what it does not handle itself through **kwargs. One per (stock, fused)."""
+    if (stock, fused) in _presented:
+        return _presented[(stock, fused)]
+    theirs = inspect.signature(stock)
+    names = list(theirs.parameters)[1:]  # without self
+    named = [p for p in theirs.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    extra = [p.replace(kind=p.KEYWORD_ONLY) for name, p in inspect.signature(fused).parameters.items()
+             if name not in theirs.parameters and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    var_keyword = [p for p in theirs.parameters.values() if p.kind is p.VAR_KEYWORD]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) > len(names):
+            raise TypeError(f"forward() takes {len(names)} positional arguments but {len(args)} were given")
+        for name, value in zip(names, args):
+            if name in kwargs:
+                raise TypeError(f"forward() got multiple values for argument '{name}'")
+            kwargs[name] = value
+        return fused(self, **kwargs)
+
+    forward.__name__, forward.__qualname__, forward.__doc__ = fused.__name__, fused.__qualname__, fused.__doc__
+    forward.__signature__ = theirs.replace(parameters=named + extra + var_keyword)
+    _presented[(stock, fused)] = forward
+    return forward
 
 
 @can_return_tuple

@@ -12,9 +12,12 @@ go through the submodule that owns the projection (`discriminator_predictions`, 
 
 What each flag fuses:
 
-- attention: `*SelfAttention` -> electra_triton.ops.attention (padding mask as a key mask), or, when the batch is
-  padded and the model is not being compiled, attention_varlen on the real tokens only (`attention="padded"` keeps
-  the padded kernel always). On the unpadded path the outputs at padding positions (attention_mask == 0) are not
+- attention: `*SelfAttention` -> one QKV GEMM (the three weights concatenated in the forward) and
+  electra_triton.ops.attention_qkvpacked (padding mask as a key mask), and the base model (ElectraModel, BertModel,
+  RobertaModel) -> `encoder.encoder_forward`, which unpads once per forward and runs every layer on the real tokens
+  through attention_varlen_qkvpacked when the batch is padded enough or packed (see encoder.py for the rule and
+  where the plan comes from; `unpad_plan=` is a forward keyword of every head). `attention="padded"` keeps the
+  padded layout always. On the unpadded path the outputs at padding positions (attention_mask == 0) are zeros, not
   HF's (HF lets padding queries attend to the real keys; no loss should read them); every real position is the same.
 - gelu_linear: dense + GELU of `*Intermediate`, ElectraDiscriminatorPredictions, ElectraGeneratorPredictions,
   ElectraClassificationHead, BertPredictionHeadTransform, RobertaLMHead -> electra_triton.ops.gelu_linear.
@@ -37,11 +40,12 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.models.bert import modeling_bert as bert
 from transformers.models.electra import modeling_electra as electra
 from transformers.models.roberta import modeling_roberta as roberta
 
-from .forwards import MARK
+from .forwards import MARK, with_transformers_signature
 from .plan import plan
 
 FLAGS = ("attention", "gelu_linear", "layer_norm", "rtd_loss", "mlm_loss")
@@ -53,6 +57,8 @@ def _bind(module: nn.Module, forward: Callable, fused: dict[str, Any]) -> None:
     # Re-patching (idempotence, or a different flag set) starts from the module's own class methods.
     _restore(module)
     setattr(module, MARK, fused)
+    if isinstance(module, PreTrainedModel):  # what users, Trainer and transformers' tests inspect
+        forward = with_transformers_signature(type(module).forward, forward)
     module.forward = types.MethodType(forward, module)
     original_repr = type(module).extra_repr
     summary = ", ".join(k if v is True else f"{k}={v}" for k, v in fused.items())
@@ -84,8 +90,9 @@ def patch(
     """Swap electra_triton's fused ops into `model` in place and return it (see the module docstring).
 
     Parameters, state_dict keys, shapes and dtypes are unchanged, and so is every other model. Idempotent: patching
-    again (with the same or other flags) re-plans from transformers' own forwards. `attention` may be True (varlen
-    on padded batches), "padded" (the padded kernel always) or False. Raises TypeError for anything that is not an
+    again (with the same or other flags) re-plans from transformers' own forwards. `attention` may be True (the
+    encoder unpads padded batches once per forward), "padded" (the padded layout always) or False. Raises
+    TypeError for anything that is not an
     ELECTRA, BERT or RoBERTa model from transformers; warns once for configurations left on transformers' path.
     """
     _check_model(model, "patch")

@@ -10,6 +10,7 @@ from transformers.models.electra import modeling_electra as electra
 from transformers.models.roberta import modeling_roberta as roberta
 
 from ..ops.attention import HEAD_DIMS as ATTENTION_HEAD_DIMS
+from . import encoder
 from . import forwards as fused
 
 SELF_ATTENTION = (electra.ElectraSelfAttention, bert.BertSelfAttention, roberta.RobertaSelfAttention)
@@ -18,6 +19,7 @@ RESIDUAL_OUTPUT = (
     roberta.RobertaSelfOutput, roberta.RobertaOutput,
 )
 INTERMEDIATE = (electra.ElectraIntermediate, bert.BertIntermediate, roberta.RobertaIntermediate)
+BASE_MODELS = (electra.ElectraModel, bert.BertModel, roberta.RobertaModel)
 
 
 def _gelu_approximate(activation: Any) -> str | None:
@@ -92,6 +94,13 @@ def plan(model: nn.Module, flags: dict[str, Any]) -> tuple[list[tuple[nn.Module,
         return True
 
     for module in model.modules():
+        if isinstance(module, BASE_MODELS):
+            # Always bound, so that `unpad_plan=` is either served (fused attention: the encoder unpads once) or
+            # refused with an error, never silently ignored (packed rows would attend across sequences).
+            attention = next((m for m in module.modules() if isinstance(m, SELF_ATTENTION)), None)
+            served = how(attention, "attention") if attention is not None else None
+            bindings.append((module, encoder.encoder_forward, {"encoder": served or "transformers"}))
+            continue
         row = next((row for row in TABLE if isinstance(module, row[0])), None)
         if row is None:
             continue

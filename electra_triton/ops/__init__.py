@@ -3,8 +3,12 @@
 from ._dispatch import get_kernel_mode, set_kernel_mode
 from .attention import (
     attention,
+    attention_qkvpacked,
+    attention_qkvpacked_with_dropout_mask,
     attention_reference,
     attention_varlen,
+    attention_varlen_qkvpacked,
+    attention_varlen_qkvpacked_with_dropout_mask,
     attention_varlen_reference,
     attention_with_dropout_mask,
     pad_input,
@@ -17,7 +21,9 @@ from .rtd_loss import rtd_loss, rtd_loss_reference
 from .unpad import UnpadPlan, unpad_plan
 
 __all__ = [
-    "attention", "attention_reference", "attention_varlen", "attention_varlen_reference",
+    "attention", "attention_qkvpacked", "attention_qkvpacked_with_dropout_mask", "attention_reference",
+    "attention_varlen", "attention_varlen_qkvpacked", "attention_varlen_qkvpacked_with_dropout_mask",
+    "attention_varlen_reference",
     "attention_with_dropout_mask", "pad_input", "unpad_input",
     "dropout_add_layer_norm", "dropout_add_layer_norm_reference", "dropout_add_layer_norm_with_mask",
     "gelu_linear", "gelu_linear_reference",
