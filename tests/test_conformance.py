@@ -209,3 +209,56 @@ def test_head_mask_as_the_installed_release(model_cls):
         assert ours is theirs
     else:
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Packed sequences through a patched model: transformers' DataCollatorWithFlattening conventions.
+
+
+def _collated(model, sequences, flash_kwargs):
+    from transformers import DataCollatorWithFlattening
+
+    # RoBERTa's positions start after its padding index, so its packed position ids must too.
+    start = model.config.pad_token_id + 1 if isinstance(model, roberta.RobertaPreTrainedModel) else 0
+    collate = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs, position_ids_start=start)
+    collated = collate([{"input_ids": s.tolist()} for s in sequences])
+    collated.pop("labels")
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in collated.items()}
+
+
+def _projection_grads(model, tokens):
+    model.zero_grad()
+    (tokens * torch.linspace(-1, 1, tokens.numel(), device=DEVICE).view(tokens.shape)).sum().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("model_cls", [electra.ElectraModel, bert.BertModel, roberta.RobertaModel],
+                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+def test_packed_sequences_through_a_patched_model(model_cls, flash_kwargs):
+    stock, patched = _pair(model_cls)
+    torch.manual_seed(3)
+    sequences = [torch.randint(3, VOCAB, (n,)) for n in (5, 8, 3)]
+    ids = torch.stack([torch.cat([s, s.new_full((8 - len(s),), 1)]) for s in sequences]).to(DEVICE)
+    mask = (torch.arange(8) < torch.tensor([5, 8, 3])[:, None]).long().to(DEVICE)
+    expected = stock(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]  # (16, hidden)
+    expected_grads = _projection_grads(stock, expected)
+    packed = patched(**_collated(patched, sequences, flash_kwargs)).last_hidden_state[0]
+    torch.testing.assert_close(packed, expected, rtol=1e-4, atol=1e-4)
+    grads = _projection_grads(patched, packed)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_packed_sequences_pretraining_loss():
+    stock, patched = _pair(electra.ElectraForPreTraining)
+    torch.manual_seed(4)
+    sequences = [torch.randint(3, VOCAB, (n,)) for n in (6, 4)]
+    ids = torch.stack([sequences[0], torch.cat([sequences[1], sequences[1].new_full((2,), 1)])]).to(DEVICE)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2], device=DEVICE)
+    labels = torch.randint(0, 2, (2, 6), device=DEVICE)
+    expected = stock(input_ids=ids, attention_mask=mask, labels=labels)
+    inputs = _collated(patched, sequences, flash_kwargs=False)
+    ours = patched(**inputs, labels=labels[mask.bool()][None])
+    torch.testing.assert_close(ours.loss, expected.loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.logits[0], expected.logits[mask.bool()], rtol=1e-4, atol=1e-4)

@@ -10,7 +10,8 @@ one. Under autocast the embeddings' output is cast to the autocast dtype once: t
 Where the plan comes from, in order: the caller's `unpad_plan=` (built on the CPU in the data loader: no host
 synchronisation at all); transformers' packed-sequence keywords `cu_seq_lens_q` / `max_length_q`
 (DataCollatorWithFlattening); a one-row batch with `position_ids` and no mask (packed by position ids restarting
-at 0); the attention mask. The last two cost one host synchronisation (the token count) in eager mode; under
+at their minimum: 0, or a RoBERTa-style start); the attention mask. The last two cost one host synchronisation (the
+token count) in eager mode; under
 torch.compile they would be a data-dependent shape, so a compiled forward without a plan runs the padded kernel
 with the key-padding mask (and cannot honour packing by position ids alone: pass a plan or `cu_seq_lens_q`).
 
@@ -96,7 +97,9 @@ def _plan_of(
     if attention_mask is None:
         if position_ids is None or batch != 1 or position_ids.shape != (batch, seqlen):
             return None
-        return ops.unpad_plan(None, position_ids, max_seqlen=seqlen)
+        # Sequences restart at the row's smallest position id, as transformers' flash attention reads them: 0, or
+        # padding_idx + 1 for RoBERTa (DataCollatorWithFlattening(position_ids_start=...)).
+        return ops.unpad_plan(None, position_ids - position_ids.min(), max_seqlen=seqlen)
     return ops.unpad_plan(attention_mask, max_seqlen=seqlen)
 
 
