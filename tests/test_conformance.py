@@ -90,12 +90,14 @@ def test_tuple_with_attentions_and_hidden_states(model_cls):
     assert len(maps) == 1 and maps[0][0].shape[-3:] == (HEADS, SEQLEN, SEQLEN)
 
 
-def test_output_attentions_is_eager_for_that_call_only(monkeypatch, caplog):
+@pytest.mark.parametrize("attn", ["sdpa", "electra_triton"])
+def test_output_attentions_is_eager_for_that_call_only(attn, monkeypatch, caplog):
+    # The patched attention serves any attn_implementation; each hands attention another kind of mask.
     calls = []
     original = ops.attention_qkvpacked
     monkeypatch.setattr(ops, "attention_qkvpacked", lambda *a, **k: calls.append(1) or original(*a, **k))
-    stock, patched = _pair(electra.ElectraForPreTraining, flags={"attention": "padded"})
-    patched.config._attn_implementation = "sdpa"  # the default; the patched attention serves any
+    stock, _ = _pair(electra.ElectraForPreTraining)
+    _, patched = _pair(electra.ElectraForPreTraining, attn=attn, flags={"attention": "padded"})
     inputs = _inputs(electra.ElectraForPreTraining)
     electra_triton.integration.attention_backend._warned.clear()
     with caplog.at_level(logging.WARNING, logger="electra_triton"), torch.no_grad():

@@ -117,9 +117,12 @@ def _packed_by_kwargs(kwargs: dict[str, Any]) -> Sequences | None:
 
 
 def _packed_by_position_ids(position_ids: Any, mask: torch.Tensor | None, batch: int, seqlen: int) -> Sequences | None:
-    """Sequences restarting inside a row (position ids back at their minimum), or None when every row holds one."""
-    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.shape[1] != seqlen \
-            or position_ids.shape[0] not in (1, batch):
+    """Sequences restarting inside a row (position ids back at their minimum), or None when every row holds one.
+
+    Not under torch.compile: finding them is a data-dependent shape."""
+    if torch.compiler.is_compiling() or not isinstance(position_ids, torch.Tensor):
+        return None
+    if position_ids.dim() != 2 or position_ids.shape[1] != seqlen or position_ids.shape[0] not in (1, batch):
         return None
     cached = _packing.get(position_ids)
     if cached is not None and cached[0] is mask:
