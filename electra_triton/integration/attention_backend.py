@@ -15,7 +15,8 @@ Packed sequences follow transformers' flash-attention conventions (DataCollatorW
 `attention_varlen`, each sequence attending to itself only: without a mask, `cu_seq_lens_q` / `cu_seq_lens_k` /
 `max_length_q` / `max_length_k` forward kwargs give the boundaries in the flattened batch; otherwise `position_ids`
 that restart at their minimum (0, or a RoBERTa-style start) inside a row start a new sequence there, with or
-without a padding mask. Boundaries are worked out once per forward (cached on the kwargs' tensors), not per layer.
+without a padding mask. Boundaries are worked out once per forward (cached on the kwargs' tensors), not per layer;
+while dynamo traces (torch.compile), position ids are not searched for restarts (a data-dependent shape).
 
 `output_attentions=True` (the forward kwarg, or the config's) runs transformers' eager attention for that call and
 returns its exact probabilities (the mask, packing included, as the kernel would apply it), with a one-time note.
