@@ -18,17 +18,21 @@ pair instead of 5, but it is deterministic, needs no fp32 dQ buffer (zeroing + a
 contention on short sequences (L = 128 gives one or two key blocks, so atomics would serialise on the same dQ rows).
 Not measured against the atomic variant yet (no GPU at hand when written, 2026-11-22).
 
-Dropout: counter-based Philox (`tl.philox`) keyed by the host-drawn seed; counters are (row * max_seqlen + column / 4,
-batch * H + head, offset, 0), each giving the draws of 4 adjacent keys, so forward and backward regenerate the
-identical keep-mask from position alone, and the forward can write that mask for tests (WRITE_KEEP, debug only:
-(B, H, max_seqlen, max_seqlen) int8). An element is kept when its 31-bit Philox draw is >= p * 2^31; kept
-probabilities are scaled by 1 / (1 - p).
+Dropout: counter-based Philox (`tl.philox`) keyed by the host-drawn seed, with 8-bit draws as FlashAttention-2: one
+call returns four 32-bit words = 16 bytes, one byte per key of 16 adjacent keys. Counters are (row * max_seqlen +
+column / 16, batch * H + head, offset, 0), so forward, dK/dV and dQ regenerate the identical keep-mask from position
+alone, whatever their tile shapes, and the forward can write that mask for tests (WRITE_KEEP, debug only:
+(B, H, max_seqlen, max_seqlen) int8). An element is kept when its byte is >= t = min(round(p * 256), 255), i.e. with
+probability exactly 1 - t / 256, and kept probabilities are scaled by 1 / (1 - t / 256): the expectation is exact for
+the quantised probability p' = t / 256 (p is rounded to a multiple of 1/256, at most 1/512 away; p < 1/512 drops
+nothing). This costs a sixteenth of the Philox calls of one 32-bit draw per element, and its state lives on a
+(BLOCK_M, BLOCK_N / 16) tile.
 
 Varlen (VARLEN=True) is the same kernels: the batch offset comes from cu_seqlens instead of a batch stride, and
 programs past a sequence's end exit at once.
 
 Supports head dims 32, 64 and 128 (HEAD_DIM is the tile width, not masked), any L up to MAX_SEQLEN (edge tiles
-masked; the dropout counter row * L + column / 4 is int32), fp32, fp16 and bf16 with fp32 accumulation always.
+masked; the dropout counter row * L + column / 16 is int32), fp32, fp16 and bf16 with fp32 accumulation always.
 fp32 uses IEEE fp32 for tl.dot, not tf32: fp32 results match a float64 reference to ~1e-6 relative (tf32 would give
 ~1e-3) at the price of running on CUDA cores; fp16/bf16 use tensor cores (HGMMA on sm_90a, HMMA on sm_80). Any
 strides (a unit stride along D is what vectorises the loads). Launch configs are a deterministic function of (head
@@ -55,20 +59,21 @@ _RUNTIME_SCALARS = ["seed", "philox_offset", "drop_threshold", "n_heads", "max_s
 @triton.jit
 def _dropout_keep(seed, philox_offset, bh, start_m, start_n, max_seqlen, drop_threshold,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) keep-mask of queries start_m.. x keys start_n.. of head `bh` (start_n a multiple of 4).
+    """(BLOCK_M, BLOCK_N) keep-mask of queries start_m.. x keys start_n.. of head `bh` (start_n a multiple of 16).
 
-    One Philox call yields four 32-bit draws: each counter covers four adjacent keys, so the generator's state lives
-    on a quarter tile (a full-tile state cost ~100 registers per thread and made the dK/dV pass spill).
+    One Philox call per 16 keys: each of its four 32-bit words gives four of the group's keys a byte each (a fixed
+    assignment, the same in every kernel). The generator's state lives on a sixteenth of the tile, which keeps the
+    backward passes' registers down.
     """
     rows = start_m + tl.arange(0, BLOCK_M)
-    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
-    counter = rows[:, None] * max_seqlen + groups[None, :]  # (BLOCK_M, BLOCK_N // 4)
+    groups = start_n // 16 + tl.arange(0, BLOCK_N // 16)
+    counter = rows[:, None] * max_seqlen + groups[None, :]  # (BLOCK_M, BLOCK_N // 16)
     zero = counter * 0
     r0, r1, r2, r3 = tl.philox(seed, counter, zero + bh, zero + philox_offset, zero)
-    draws = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))
-    draws = draws.to(tl.int32, bitcast=True)
-    draws = tl.where(draws < 0, ~draws, draws)  # 31 uniform bits, as tl.rand does
-    return draws >= drop_threshold
+    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N // 16, 4))
+    shifts = 8 * tl.arange(0, 4)
+    draws = (words[:, :, :, None] >> shifts[None, None, None, :]) & 0xFF  # (BLOCK_M, BLOCK_N // 16, 4, 4)
+    return tl.reshape(draws, (BLOCK_M, BLOCK_N)).to(tl.int32) >= drop_threshold
 
 
 @triton.jit
@@ -371,9 +376,14 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return 0, t.stride(1), t.stride(0), t.stride(2)
 
 
+def dropout_threshold(dropout_p: float) -> int:
+    """The byte threshold t of the 8-bit keep rule: keep when the draw (0..255) is >= t; drop probability t / 256."""
+    return min(round(dropout_p * 256), 255)
+
+
 def _dropout_args(dropout_p: float, seed: int, offset: int) -> tuple[int, int, int, float]:
-    threshold = min(int(dropout_p * 2**31), 2**31 - 1)
-    return seed, offset, threshold, 1.0 / (1.0 - dropout_p)
+    threshold = dropout_threshold(dropout_p)
+    return seed, offset, threshold, 1.0 / (1.0 - threshold / 256)
 
 
 def _geometry(q: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int) -> tuple[int, int, int]:

@@ -1,7 +1,9 @@
 """Fused dropout + residual add + LayerNorm: y = LayerNorm(dropout(x) + residual) over the last dim, with its backward.
 
 Forward: one pass per block of rows (BLOCK_M rows x the whole hidden dim in registers): the dropout keep-mask comes
-from Philox (`tl.rand(seed, offset + row * N + col)`), kept elements are scaled by 1 / (1 - p), the residual is added,
+from Philox, all four 32-bit outputs of each call used (`tl.rand4x(seed, offset + row * N + col / 4)` for columns
+col..col+3: a quarter of the calls of one `tl.rand` per element), an element is kept when its uniform draw is >= p,
+kept elements are scaled by 1 / (1 - p), the residual is added,
 mean and variance are taken in fp32, and y, mean and rstd (fp32, per row) are written. Neither the mask nor the sum
 h = dropout(x) + residual is stored: the backward regenerates the mask from the same seed and recomputes h from x and
 the residual, which autograd keeps alive anyway (the same traffic as storing h, without its memory). A debug flag
@@ -33,13 +35,16 @@ MAX_HIDDEN = 16384
 @triton.jit
 def _h_and_keep(
     x_ptr, res_ptr, rows, cols, tile_ok, n_cols, stride_xm, stride_rm, dropout_p, seed, offset,
-    HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """h = dropout(x) + residual in fp32 for a (BLOCK_M, BLOCK_N) tile, and the keep-mask (forward and backward)."""
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     keep = tile_ok
     if HAS_DROPOUT:
-        keep = tl.rand(seed, offset + rows[:, None] * n_cols + cols[None, :]) >= dropout_p
+        groups = tl.arange(0, BLOCK_N // 4)  # cols is 0..BLOCK_N-1: columns 4g..4g+3 share one Philox call
+        u0, u1, u2, u3 = tl.rand4x(seed, offset + rows[:, None] * n_cols + groups[None, :])
+        uniform = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), (BLOCK_M, BLOCK_N))
+        keep = uniform >= dropout_p
         x = tl.where(keep, x / (1.0 - dropout_p), 0.0)
     if HAS_RESIDUAL:
         x += tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
@@ -60,7 +65,7 @@ def _dropout_add_ln_fwd_kernel(
     row_ok, col_ok = rows < n_rows, cols < n_cols
     tile_ok = row_ok[:, None] & col_ok[None, :]
     h, keep = _h_and_keep(x_ptr, res_ptr, rows, cols, tile_ok, n_cols, stride_xm, stride_rm, dropout_p, seed, offset,
-                          HAS_RESIDUAL, HAS_DROPOUT)  # (BLOCK_M, BLOCK_N) fp32, zero outside the tile
+                          HAS_RESIDUAL, HAS_DROPOUT, BLOCK_M, BLOCK_N)  # (BLOCK_M, BLOCK_N) fp32, zero outside the tile
 
     mean = tl.sum(h, axis=1) / n_cols
     centered = tl.where(tile_ok, h - mean[:, None], 0.0)
@@ -98,7 +103,7 @@ def _dropout_add_ln_bwd_kernel(
         row_ok = rows < last_row
         tile_ok = row_ok[:, None] & col_ok[None, :]
         h, keep = _h_and_keep(x_ptr, res_ptr, rows, cols, tile_ok, n_cols, stride_xm, stride_rm, dropout_p, seed,
-                              offset, HAS_RESIDUAL, HAS_DROPOUT)
+                              offset, HAS_RESIDUAL, HAS_DROPOUT, BLOCK_M, BLOCK_N)
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
         xhat = tl.where(tile_ok, (h - mean[:, None]) * rstd[:, None], 0.0)
@@ -131,7 +136,7 @@ def launch_config(n_cols: int, backward: bool) -> dict[str, int]:
     for a memory-bound kernel); the forward at 16 per thread put 8 bytes on the stack for fp16 without residual
     (2026-11-22, sm_90a, triton 3.9). Both checked by the compile check.
     """
-    block_n = triton.next_power_of_2(n_cols)
+    block_n = max(4, triton.next_power_of_2(n_cols))  # dropout takes four columns per Philox call
     block_m = max(1, 4096 // block_n)
     per_thread = 16 if backward else 32
     return {"BLOCK_N": block_n, "BLOCK_M": block_m,

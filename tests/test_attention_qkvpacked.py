@@ -161,6 +161,17 @@ def test_padded_dropout_matches_reference_with_the_kernels_mask(dtype):
                              dropout_mask=keep)
 
 
+def test_unsupported_head_dim_runs_the_reference():
+    batch, seqlen, head_dim = 1, 6, 40
+    leaf = torch.randn(batch, seqlen, 3 * HEADS * head_dim, device=DEVICE, requires_grad=True)
+    with pytest.warns(UserWarning, match="head dim 40"):
+        out = attention_qkvpacked(leaf.view(batch, seqlen, 3, HEADS, head_dim))
+    q, k, v = leaf.view(batch, seqlen, 3, HEADS, head_dim).unbind(2)
+    torch.testing.assert_close(out, attention_reference(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2))
+    out.sum().backward()
+    assert leaf.grad.shape == leaf.shape and leaf.grad.abs().sum() > 0
+
+
 def test_traces_fullgraph_with_fake_implementations():
     """torch.compile(fullgraph=True) traces both ops (forward and backward through their fake implementations)."""
     leaf, qkv = projection_output(1, 8, torch.float32)

@@ -6,7 +6,19 @@ import copy
 import pytest
 import torch
 from conftest import DEVICE
-from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining, ElectraModel
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    ElectraConfig,
+    ElectraForMaskedLM,
+    ElectraForPreTraining,
+    ElectraForQuestionAnswering,
+    ElectraForSequenceClassification,
+    ElectraForTokenClassification,
+    ElectraModel,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 
 import electra_triton
 from electra_triton import ops
@@ -29,9 +41,9 @@ def _padded_batch(batch=2, seqlen=8):
     return ids, mask
 
 
-def _pretraining_step(layers: int, patched: bool, with_plan: bool = False) -> OpTrace:
+def _pretraining_step(layers: int, patched: bool, with_plan: bool = False, autocast: bool = False) -> OpTrace:
     """One ELECTRA step, traced: generator (MLM) and discriminator (RTD), forward and backward, padded batch,
-    training mode (dropout on)."""
+    training mode (dropout on), optionally under 16-bit autocast as in production."""
     torch.manual_seed(0)
     stock = {} if patched else {"attn_implementation": "sdpa"}
     generator = ElectraForMaskedLM(_config(layers, hidden=32, heads=1, **stock)).to(DEVICE).train()
@@ -45,17 +57,20 @@ def _pretraining_step(layers: int, patched: bool, with_plan: bool = False) -> Op
     replaced = (torch.rand(ids.shape, device=DEVICE) < 0.2).long()
     # The data loader builds the plan on the CPU and moves it with the batch: no synchronisation in the step.
     plan = {"unpad_plan": ops.unpad_plan(mask.cpu()).to(DEVICE)} if with_plan else {}
-    with OpTrace() as trace:
+    dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16
+    with OpTrace() as trace, torch.autocast(DEVICE, dtype=dtype, enabled=autocast):
         generator_loss = generator(ids, attention_mask=mask, labels=labels, **plan).loss
         discriminator_loss = discriminator(ids, attention_mask=mask, labels=replaced, **plan).loss
         (generator_loss + discriminator_loss).backward()
     return trace
 
 
-def test_pretraining_step_syncs_and_ops_per_layer_against_stock():
+@pytest.mark.slow  # four traced steps in the interpreter: ~10-20 s on 2 cores
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast"])
+def test_pretraining_step_syncs_and_ops_per_layer_against_stock(autocast):
     # Per layer = the difference between models of 2 and 1 layers (generator + discriminator layer, fwd + bwd).
-    stock = [_pretraining_step(layers, patched=False) for layers in (1, 2)]
-    ours = [_pretraining_step(layers, patched=True) for layers in (1, 2)]
+    stock = [_pretraining_step(layers, patched=False, autocast=autocast) for layers in (1, 2)]
+    ours = [_pretraining_step(layers, patched=True, autocast=autocast) for layers in (1, 2)]
     stock_per_layer = stock[1].device_ops - stock[0].device_ops
     ours_per_layer = ours[1].device_ops - ours[0].device_ops
     print(f"device ops per generator + discriminator layer: patched {ours_per_layer}, stock sdpa {stock_per_layer}; "
@@ -132,6 +147,8 @@ def test_left_padding_and_holes_match_transformers(pattern):
     for ours, theirs in zip(out.hidden_states, expected.hidden_states, strict=True):
         assert ours.shape == theirs.shape
         torch.testing.assert_close(ours[real], theirs[real], rtol=1e-4, atol=1e-5)
+    as_tuple = patched(ids, attention_mask=mask, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.last_hidden_state)
 
 
 def test_sequence_without_real_tokens_gives_zeros_and_finite_gradients():
@@ -166,13 +183,26 @@ def test_supplied_and_packed_plans():
         torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_unpad_plan_is_a_forward_keyword_of_every_head():
+@pytest.mark.parametrize("model_cls", [
+    ElectraForPreTraining, ElectraForMaskedLM, ElectraForSequenceClassification, ElectraForTokenClassification,
+    ElectraForQuestionAnswering, BertForMaskedLM, RobertaForSequenceClassification,
+], ids=lambda cls: cls.__name__)
+def test_unpad_plan_is_a_forward_keyword_of_every_head(model_cls):
     torch.manual_seed(0)
-    model = electra_triton.patch(ElectraForPreTraining(_config()).to(DEVICE).eval())
+    sizes = {"vocab_size": VOCAB, "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 128, "max_position_embeddings": 40, "pad_token_id": 1}
+    config = _config(layers=1) if model_cls.__name__.startswith("Electra") else (
+        BertConfig(**sizes) if model_cls is BertForMaskedLM else RobertaConfig(**sizes))
+    model = electra_triton.patch(model_cls(config).to(DEVICE).eval())
     ids, mask = _padded_batch()
-    plan = ops.unpad_plan(mask)
-    torch.testing.assert_close(model(ids, attention_mask=mask, unpad_plan=plan).logits,
-                               model(ids, attention_mask=mask).logits)
+    plan = ops.unpad_plan(mask.cpu()).to(DEVICE)
+    with OpTrace() as trace:
+        out = model(ids, attention_mask=mask, unpad_plan=plan)
+    assert trace.host_syncs == 0, trace.sync_ops()
+    expected = model(ids, attention_mask=mask)
+    for key in ("logits", "start_logits"):
+        if key in out:
+            torch.testing.assert_close(out[key], expected[key])
 
 
 def test_bad_unpad_plan_names_the_argument():

@@ -61,6 +61,7 @@ CASES = {  # shape, residual, dropout_p
     "BLH-N24-embeddings": ((2, 3, 24), False, 0.0),
     "N768-dropout-embeddings": ((5, 768), False, 0.1),
     "rows-loop-N40-dropout": ((70, 40), True, 0.3),  # several row blocks per backward program
+    "N3-dropout": ((9, 3), True, 0.3),  # narrower than one Philox call's four columns
 }
 
 
@@ -118,6 +119,11 @@ def test_dropout_mask_rate_and_reproducibility():
     assert not torch.equal(y1, y_plain)
     assert abs(keep1.float().mean().item() - 0.75) < 0.02
     assert keep1.float().mean(0).min() > 0.1 and keep1.float().mean(1).max() < 0.95  # not constant along rows/cols
+    # Columns 4g..4g+3 take the four outputs of one Philox call: neighbours are kept together at the independent rate.
+    both = (keep1[:, 1:] & keep1[:, :-1]).float().mean().item()
+    assert abs(both - 0.75 ** 2) < 0.02, both
+    by_output = keep1.reshape(64, -1, 4).float().mean(dim=(0, 1))
+    assert (by_output - 0.75).abs().max() < 0.03, by_output
 
 
 def test_empty_rows():

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 import transformers
-from conftest import DEVICE, requires_cuda
+from conftest import DEVICE, gpu_only_bf16, requires_cuda
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -388,18 +388,20 @@ def test_bf16_accuracy_rule_on_gpu(model_cls):
         assert (ours - truth).abs().max() <= bound, key
 
 
-def test_fp16_autocast_residual_stream_accuracy_rule():
-    # The patched residual stream stays fp16 under autocast (transformers': fp32). Against a float64 model, its hidden
-    # states and every parameter gradient may be off by at most 2x what transformers' own autocast run is, plus slack.
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="float16"), gpu_only_bf16])
+def test_autocast_residual_stream_accuracy_rule(dtype):
+    # The patched residual stream stays 16-bit under autocast (transformers': fp32). Against a float64 model, its
+    # hidden states and every parameter gradient may be off by at most 2x what transformers' own autocast run is,
+    # plus slack.
     config = _config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     exact, _ = _pair(ElectraForPreTraining, config, dtype=torch.float64)
     reference, patched = _pair(ElectraForPreTraining, config)
     inputs, real = _batch(ElectraForPreTraining)
     exact_out, _ = _run(exact, inputs, real)
-    with torch.autocast(DEVICE, dtype=torch.float16):
+    with torch.autocast(DEVICE, dtype=dtype):
         ref_out, _ = _run(reference, inputs, real)
         out, _ = _run(patched, inputs, real)
-    assert out.hidden_states[-1].dtype == torch.float16  # no fp32 activation between the layers
+    assert out.hidden_states[-1].dtype == dtype  # no fp32 activation between the layers
 
     def within_rule(ours, plain, truth, name):
         ours, plain, truth = ours.double(), plain.double(), truth.double()

@@ -27,6 +27,8 @@ from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     BaseModelOutputWithPoolingAndCrossAttentions,
 )
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 
 from .. import ops
 from .forwards import MARK, autocast_dtype
@@ -121,8 +123,8 @@ def _to_padded(tokens: torch.Tensor, plan: ops.UnpadPlan) -> torch.Tensor:
 def encoder_forward(
     self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
     token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-    inputs_embeds: torch.Tensor | None = None, **kwargs: Any,
-) -> Any:
+    inputs_embeds: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs],
+) -> BaseModelOutputWithPastAndCrossAttentions | BaseModelOutputWithPoolingAndCrossAttentions | tuple:
     """ElectraModel / BertModel / RobertaModel.forward, unpadded once (module docstring); `unpad_plan=` accepted."""
     given_plan = kwargs.pop(PLAN_KEYWORD, None)
     packed = {name: kwargs.pop(name) for name in _PACKED_KEYWORDS if name in kwargs}
@@ -153,7 +155,9 @@ def encoder_forward(
         embeddings = embeddings.to(dtype)  # the residual stream's one cast (module docstring)
     batch, seqlen, hidden_size = embeddings.shape
 
-    plan = _plan_of(attention_mask, position_ids, given_plan, packed, batch, seqlen, embeddings.device)
+    plan = None
+    if mode == "auto" or given_plan is not None or packed:  # "padded" needs no plan: it never unpads
+        plan = _plan_of(attention_mask, position_ids, given_plan, packed, batch, seqlen, embeddings.device)
     if mode == "auto" and plan is not None and runs_unpadded(plan):
         if plan.total_tokens == batch * seqlen:
             hidden = embeddings.view(batch * seqlen, hidden_size)

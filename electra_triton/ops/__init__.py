@@ -12,6 +12,7 @@ from .attention import (
     attention_varlen_reference,
     attention_with_dropout_mask,
     pad_input,
+    quantized_attention_dropout_p,
     unpad_input,
 )
 from .gelu_linear import gelu_linear, gelu_linear_reference
@@ -24,7 +25,7 @@ __all__ = [
     "attention", "attention_qkvpacked", "attention_qkvpacked_with_dropout_mask", "attention_reference",
     "attention_varlen", "attention_varlen_qkvpacked", "attention_varlen_qkvpacked_with_dropout_mask",
     "attention_varlen_reference",
-    "attention_with_dropout_mask", "pad_input", "unpad_input",
+    "attention_with_dropout_mask", "pad_input", "quantized_attention_dropout_p", "unpad_input",
     "dropout_add_layer_norm", "dropout_add_layer_norm_reference", "dropout_add_layer_norm_with_mask",
     "gelu_linear", "gelu_linear_reference",
     "get_kernel_mode", "mlm_loss", "mlm_loss_reference", "rtd_loss", "rtd_loss_reference", "set_kernel_mode",

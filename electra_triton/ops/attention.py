@@ -238,6 +238,11 @@ _qkvpacked_forward.register_autograd(_qkvpacked_autograd_backward, setup_context
 # Checks
 
 
+def quantized_attention_dropout_p(dropout_p: float) -> float:
+    """The drop probability the attention kernels apply for `dropout_p`: a multiple of 1/256 (8-bit draws)."""
+    return kernel.dropout_threshold(check_dropout_p(dropout_p)) / 256
+
+
 def _check_qkv(q: object, k: object, v: object, rank: int, layout: str) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)
@@ -327,8 +332,10 @@ def attention(
     gradients take q's, k's and v's layout when those are dense, e.g. HF's transposed (B, L, H, D) views).
     attention_mask (B, L), any bool/integer/float dtype: nonzero (1/True) marks a real token, zero a padding key;
     any pattern (right or left padding, holes). A query row without any real key gives zeros and zero gradients.
-    dropout_p in [0, 1) drops attention probabilities (keep-scaling 1 / (1 - p)) with a Philox mask seeded from
-    torch's default generator: `torch.manual_seed` reproduces it, consecutive calls differ. scale defaults to
+    dropout_p in [0, 1) drops attention probabilities with a Philox mask seeded from torch's default generator
+    (`torch.manual_seed` reproduces it, consecutive calls differ). The kernels draw 8 random bits per element, so
+    they apply p rounded to a multiple of 1/256, p' = `quantized_attention_dropout_p(p)` (|p' - p| <= 1/512; 0.1
+    becomes 26/256 = 0.1016), and keep-scale by 1 / (1 - p'): the expectation is exact for p'. scale defaults to
     D ** -0.5. Head dims 32, 64, 128 run the kernel; any other runs the reference with a one-time warning.
     Raises TypeError (non-tensors, integer tensors, dtype mismatch, bad scale) or ValueError (rank, shapes, devices,
     dropout_p outside [0, 1), L > 32768).
@@ -345,10 +352,10 @@ def attention_with_dropout_mask(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Debug/test entry point: `attention(...)` that also returns the dropout keep-mask it used, (B, H, L, L) bool.
 
-    The output is differentiable and its backward regenerates the same mask, so
-    `attention_reference(..., dropout_mask=keep)` must match output and gradients. Writes L x L bytes per head:
-    for small inputs only. Without dropout the mask is all True. On the reference path the mask is drawn with
-    torch.rand (same keep rate, different stream).
+    The output is differentiable and its backward regenerates the same mask, so `attention_reference(...,
+    dropout_p=quantized_attention_dropout_p(dropout_p), dropout_mask=keep)` must match output and gradients. Writes
+    L x L bytes per head: for small inputs only. Without dropout the mask is all True. On the reference path the
+    mask is drawn with torch.rand (same keep rate, different stream).
     """
     mask, dropout_p, scale = _check_padded(q, k, v, attention_mask, dropout_p, scale)
     batch, heads, seqlen, _ = q.shape
@@ -356,6 +363,7 @@ def attention_with_dropout_mask(
         keep = torch.ones((batch, heads, seqlen, seqlen), dtype=torch.bool, device=q.device)
         return attention(q, k, v, attention_mask, 0.0, scale), keep
     if not _kernel_takes(q, "attention"):
+        dropout_p = quantized_attention_dropout_p(dropout_p)
         keep = torch.rand((batch, heads, seqlen, seqlen), device=q.device) >= dropout_p
         return attention_reference(q, k, v, attention_mask, dropout_p, scale, dropout_mask=keep), keep
     out, _, keep = _forward(q, k, v, mask, None, seqlen, scale, dropout_p, philox_rng_state(dropout_p), True)
@@ -392,6 +400,7 @@ def _qkvpacked(
     mask, dropout_p, scale = _check_padded(q, k, v, attention_mask, dropout_p, scale)
     batch, heads, seqlen, _ = q.shape
     if not _kernel_takes(q, "attention_qkvpacked"):
+        dropout_p = quantized_attention_dropout_p(dropout_p) if write_keep else dropout_p
         keep = torch.rand((batch, heads, seqlen, seqlen), device=q.device) >= dropout_p if write_keep else None
         out = attention_reference(q, k, v, attention_mask, dropout_p, scale, dropout_mask=keep)
         return out.transpose(1, 2), keep
@@ -423,7 +432,7 @@ def attention_qkvpacked_with_dropout_mask(
     """Debug/test entry point: `attention_qkvpacked(...)` that also returns the keep-mask used, (B, H, L, L) bool.
 
     As `attention_with_dropout_mask`: the backward regenerates the same mask, so `attention_reference` on q, k, v
-    with `dropout_mask=keep` must match the output and gradients. For small inputs only.
+    with `dropout_mask=keep` and the quantised p must match the output and gradients. For small inputs only.
     """
     return _qkvpacked(qkv, attention_mask, dropout_p, scale, write_keep=True)
 
@@ -440,6 +449,7 @@ def _varlen_qkvpacked(
     q, k, v = _split_qkv(qkv)
     keep_shape = (cu_seqlens.numel() - 1, qkv.shape[2], max_seqlen, max_seqlen)
     if not _kernel_takes(q, "attention_varlen_qkvpacked"):
+        dropout_p = quantized_attention_dropout_p(dropout_p) if write_keep else dropout_p
         keep = torch.rand(keep_shape, device=q.device) >= dropout_p if write_keep else None
         return attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, dropout_mask=keep), keep
     write_keep = write_keep and dropout_p > 0.0
@@ -470,6 +480,6 @@ def attention_varlen_qkvpacked_with_dropout_mask(
     """Debug/test entry point: `attention_varlen_qkvpacked(...)` and its keep-mask, (B, H, max_seqlen, max_seqlen)
     bool, where [b, h, i, j] is the mask of sequence b's i-th query and j-th key (positions within the sequence;
     entries past a sequence's length are unused). `attention_varlen_reference(..., dropout_mask=keep)` on the views
-    qkv[:, 0], qkv[:, 1], qkv[:, 2] must match the output and gradients. For small inputs only.
+    qkv[:, 0], qkv[:, 1], qkv[:, 2], with the quantised p, must match the output and gradients. For small inputs.
     """
     return _varlen_qkvpacked(qkv, cu_seqlens, max_seqlen, dropout_p, scale, write_keep=True)
