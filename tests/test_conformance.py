@@ -130,6 +130,20 @@ def test_output_attentions_from_config_and_gradients():
     assert patched(**inputs, output_attentions=False).attentions is None
 
 
+@pytest.mark.parametrize("boolean", [True, False], ids=["bool", "additive"])
+def test_a_4d_attention_mask_is_applied_as_given(boolean):
+    """A user-built (B, 1, L, L) mask (here: two blocks that must not see each other) is not a key-padding mask: the
+    call runs eager attention with it. Stock sdpa is the reference for boolean masks (stock eager adds them)."""
+    stock, patched = _pair(electra.ElectraForTokenClassification, attn="sdpa" if boolean else "eager")
+    allowed = torch.zeros(BATCH, 1, SEQLEN, SEQLEN, dtype=torch.bool, device=DEVICE)
+    allowed[..., :3, :3] = allowed[..., 3:, 3:] = True
+    mask = allowed if boolean else torch.zeros(allowed.shape, device=DEVICE).masked_fill(~allowed, -1e9)
+    ids = _inputs(electra.ElectraForTokenClassification)["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(patched(ids, attention_mask=mask).logits, stock(ids, attention_mask=mask).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("attention", [True, "padded"])
 def test_hidden_states_keep_the_padded_layout(attention):
     # Mostly padding: the patched attention takes the unpadded (varlen) route when it may.

@@ -52,6 +52,7 @@ VARLEN_PADDING_FRACTION = 0.3
 
 logger = logging.getLogger("electra_triton")
 _warned: set[str] = set()
+ATTENTION_MAPS = "attention maps are returned (output_attentions=True)"  # why eager_attention runs, by default
 # Per key-padding mask (one per model forward, shared by all layers): (indices, cu_seqlens, max_seqlen) or None
 # when the padded kernel is used. Computed at the first layer; one host synchronisation per forward, not per layer.
 _unpadding: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -187,15 +188,14 @@ def _additive_mask(attention_mask: torch.Tensor | None, sequences: Sequences | N
 def eager_attention(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attention_mask: torch.Tensor | None, dropout: float, scaling: float | None,
-    sequences: Sequences | None = None,
+    sequences: Sequences | None = None, reason: str = ATTENTION_MAPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' eager attention on (B, H, L, D) q, k, v: ((B, L, H, D) output, (B, H, L, L) probabilities).
 
-    The path for `output_attentions=True`: the fused kernels never form the probabilities. `attention_mask` may be any
-    mask transformers hands to attention (key-padding (B, L), SDPA boolean or additive 4D); `sequences` restricts
-    attention to packed sequences."""
-    _note_once("fused attention is off while attention maps are returned (output_attentions=True): computing them "
-               "with transformers' eager attention for those calls")
+    The path for `output_attentions=True` (the fused kernels never form the probabilities) and for masks the kernel
+    does not take. `attention_mask` may be any mask transformers hands to attention (key-padding (B, L), SDPA boolean
+    or additive 4D); `sequences` restricts attention to packed sequences. Notes `reason` once."""
+    _note_once(f"fused attention is off while {reason}: transformers' eager attention computes those calls")
     batch, _, seqlen, _ = query.shape
     mask = _additive_mask(attention_mask, sequences, batch, seqlen, query.dtype)
     return eager_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout)

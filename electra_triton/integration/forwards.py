@@ -19,7 +19,7 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
 from .. import ops
-from .attention_backend import attention_maps_requested, eager_attention
+from .attention_backend import ATTENTION_MAPS, attention_maps_requested, eager_attention
 
 MARK = "_electra_triton"  # instance attribute of a patched module: {what is fused there: how}
 
@@ -123,12 +123,16 @@ def self_attention_forward(
     heads, head_dim = self.num_attention_heads, self.attention_head_size
     qkv = _packed_qkv_projection(self, hidden_states)
     dropout_p = self.dropout.p if self.training else 0.0
-    if unpad_plan is None and attention_maps_requested(self, kwargs):
-        # The kernel never forms the probabilities: transformers' eager attention for this call (transformers' own
-        # encoder forward runs then, so the layout is padded and the mask is transformers').
+    # Transformers' eager attention, exact, for this call when the kernel cannot serve it: attention maps requested
+    # (it never forms them), or a 4D mask with a row per query (user-built: not a key-padding mask). transformers'
+    # own encoder forward runs then, so the layout is padded and the mask is transformers'.
+    maps = attention_maps_requested(self, kwargs)
+    general_mask = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] > 1
+    if unpad_plan is None and (maps or general_mask):
         batch, seqlen = hidden_states.shape[:2]
         q, k, v = qkv.view(batch, seqlen, 3, heads, head_dim).transpose(1, 3).unbind(2)  # (B, H, L, D) each
-        out, probabilities = eager_attention(self, q, k, v, attention_mask, dropout_p, self.scaling)
+        reason = ATTENTION_MAPS if maps else "a 4D attention mask is given"
+        out, probabilities = eager_attention(self, q, k, v, attention_mask, dropout_p, self.scaling, reason=reason)
         return out.reshape(batch, seqlen, heads * head_dim), probabilities
     with _no_autocast(qkv.device):
         if unpad_plan is not None:
