@@ -26,8 +26,8 @@ CONFIGS = {electra: lambda **kw: ElectraConfig(embedding_size=32, **{**SIZES, **
            roberta: lambda **kw: RobertaConfig(pad_token_id=1, **{**SIZES, **kw})}
 MODEL_CLASSES = [cls for module in CONFIGS for name in module.__all__ if isinstance(cls := getattr(module, name), type)
                  and issubclass(cls, PreTrainedModel) and not name.endswith("PreTrainedModel")]
-# What a patched head's forward may take beyond transformers' own (keyword-only, documented in patch.py).
-PROJECT_KEYWORDS = {"skip_logits"}
+# What a patched forward may take beyond transformers' own (keyword-only; documented in patch.py and encoder.py).
+PROJECT_KEYWORDS = {"skip_logits", "unpad_plan"}
 
 
 def _pair(model_cls, attn="eager", flags=None, **config):

@@ -221,17 +221,27 @@ def test_bad_unpad_plan_names_the_argument():
         patched(ids, attention_mask=mask, unpad_plan=plan._replace(max_seqlen=-1))
     with pytest.raises(ValueError, match="attention_mask"):
         patched(ids, attention_mask=mask, cu_seq_lens_q=plan.cu_seqlens, max_length_q=5)
-    unfused = electra_triton.patch(ElectraModel(_config()).to(DEVICE), attention=False)
+    # Without fused attention a plan of padding only says what the mask says; packed rows cannot be kept apart.
+    unfused = electra_triton.patch(ElectraModel(_config()).to(DEVICE).eval(), attention=False)
+    torch.testing.assert_close(unfused(ids, attention_mask=mask, unpad_plan=plan).last_hidden_state,
+                               unfused(ids, attention_mask=mask).last_hidden_state)
     with pytest.raises(ValueError, match="unpad_plan"):
-        unfused(ids, attention_mask=mask, unpad_plan=plan)
+        unfused(ids, attention_mask=mask, unpad_plan=ops.unpad_plan(mask, torch.zeros_like(mask)))
+    with pytest.raises(TypeError, match="unpad_plan must be"):
+        unfused(ids, attention_mask=mask, unpad_plan=(plan.indices, plan.cu_seqlens))
 
 
-def test_traces_fullgraph_with_a_supplied_plan():
-    # The unpad-once path under dynamo (eager backend: graph capture only): the plan's sizes are input shapes.
+@pytest.mark.parametrize("plan_from", ["caller", "mask"])
+def test_compiled_forward_takes_the_unpadded_path_without_graph_breaks(plan_from):
+    # Dynamo's capture (eager backend) of the unpad-once path: a supplied plan's sizes are input shapes; a plan from
+    # the mask is one opaque op whose token count is a data-dependent size. Same values as eager, zeros at padding.
     _, patched = _model_pair()
     ids, mask = _padded_batch()
-    plan = ops.unpad_plan(mask.cpu()).to(DEVICE)
-    compiled = torch.compile(patched.train(), fullgraph=True, backend="eager")
-    out = compiled(ids, attention_mask=mask, unpad_plan=plan).last_hidden_state
+    plan = {"unpad_plan": ops.unpad_plan(mask.cpu()).to(DEVICE)} if plan_from == "caller" else {}
+    expected = patched(ids, attention_mask=mask).last_hidden_state
+    compiled = torch.compile(patched, fullgraph=True, backend="eager")
+    out = compiled(ids, attention_mask=mask, **plan).last_hidden_state
+    torch.testing.assert_close(out, expected)
+    assert torch.count_nonzero(out[1, 5:]) == 0
     out.sum().backward()
-    assert out.shape == (2, 8, 64) and torch.count_nonzero(out[1, 5:]) == 0
+    assert all(torch.isfinite(p.grad).all() for p in patched.parameters() if p.grad is not None)

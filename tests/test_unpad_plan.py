@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from electra_triton.ops import unpad_input, unpad_plan
+from electra_triton.ops import unpad, unpad_input, unpad_plan
+from electra_triton.ops.unpad import traceable_unpad_plan
 
 
 def test_padded_rows_match_unpad_input():
@@ -56,3 +57,13 @@ def test_bad_arguments_name_themselves():
         unpad_plan(None)
     with pytest.raises(TypeError, match="position_ids"):
         unpad_plan(None, [[0, 1]])
+
+
+def test_traceable_plan_is_unpad_plan_as_one_op():
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]])
+    plan, expected = traceable_unpad_plan(mask), unpad_plan(mask, max_seqlen=4)
+    assert torch.equal(plan.indices, expected.indices) and torch.equal(plan.cu_seqlens, expected.cu_seqlens)
+    assert (plan.max_seqlen, plan.batch, plan.seqlen, plan.packed) == (4, 2, 4, False)
+    torch.library.opcheck(unpad._plan_of_mask, (mask,), test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="attention_mask"):
+        traceable_unpad_plan(torch.ones(3))

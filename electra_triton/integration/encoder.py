@@ -10,19 +10,22 @@ one. Under autocast the embeddings' output is cast to the autocast dtype once: t
 Where the plan comes from, in order: the caller's `unpad_plan=` (built on the CPU in the data loader: no host
 synchronisation at all); transformers' packed-sequence keywords `cu_seq_lens_q` / `max_length_q`
 (DataCollatorWithFlattening); a one-row batch with `position_ids` and no mask (packed by position ids restarting
-at their minimum: 0, or a RoBERTa-style start); the attention mask. The last two cost one host synchronisation (the
-token count) in eager mode; under
-torch.compile they would be a data-dependent shape, so a compiled forward without a plan runs the padded kernel
-with the key-padding mask (and cannot honour packing by position ids alone: pass a plan or `cu_seq_lens_q`).
+at their minimum: 0, or a RoBERTa-style start; eager only); the attention mask. The last two cost one host
+synchronisation (the token count) in eager mode. Under torch.compile the mask's plan is one opaque op
+(`ops.unpad.traceable_unpad_plan`) whose token count is a data-dependent size: no graph break; the op itself still
+synchronises once (the token count), as eager does.
 
-The one rule (eager and compiled alike, decided on host-known numbers: the plan's token count and shapes):
-unpad when the plan packs sequences or when at least MIN_PADDING_FRACTION of the B x L slots are padding;
-otherwise run the padded kernel, with no gather, and without a mask at all when nothing is padded.
+The one rule, eager and compiled alike: unpad when the plan packs sequences or when at least MIN_PADDING_FRACTION of
+the B x L slots are padding; otherwise run the padded kernel, with no gather, and without a mask at all when nothing
+is padded. A compiled forward without a plan cannot branch on the padding fraction (a data-dependent value in the
+graph), so it counts as padded enough (unpadded path; identical values at every real position, zeros at padding
+positions): the two modes then differ only for a batch with under MIN_PADDING_FRACTION padding, at its padding.
 """
 
 from typing import Any
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false, guard_or_true
 from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     BaseModelOutputWithPoolingAndCrossAttentions,
@@ -31,7 +34,8 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
 from .. import ops
-from .forwards import MARK, autocast_dtype
+from ..ops.unpad import traceable_unpad_plan
+from .forwards import MARK, _autocast_dtype
 
 # Unpadding costs a gather of the embeddings' output and a scatter of the last layer's (and their backwards): about
 # 8 * hidden bytes per real token per forward + backward. It saves every layer's work on each padding slot: for
@@ -74,9 +78,16 @@ def check_unpad_plan(plan: object, batch: int, seqlen: int, device: torch.device
 
 
 def runs_unpadded(plan: ops.UnpadPlan) -> bool:
-    """The one rule: real tokens only when the plan packs sequences or pads at least MIN_PADDING_FRACTION."""
+    """The one rule: real tokens only when the plan packs sequences or pads at least MIN_PADDING_FRACTION.
+
+    A token count that only the device knows (a compiled forward's plan from the mask) counts as padded enough."""
     slots = plan.batch * plan.seqlen
-    return plan.packed or (slots - plan.total_tokens) >= MIN_PADDING_FRACTION * slots
+    return plan.packed or guard_or_true(slots - plan.total_tokens >= MIN_PADDING_FRACTION * slots)
+
+
+def _every_slot_real(plan: ops.UnpadPlan) -> bool:
+    """Whether the plan's token stream is the padded layout itself (False when only the device knows)."""
+    return guard_or_false(plan.total_tokens == plan.batch * plan.seqlen)
 
 
 def _plan_of(
@@ -94,26 +105,27 @@ def _plan_of(
         max_length = packed.get("max_length_q")
         return ops.UnpadPlan(torch.arange(batch * seqlen, device=device), cu_seqlens.to(torch.int32),
                              seqlen if max_length is None else int(max_length), batch, seqlen, packed=True)
-    if torch.compiler.is_compiling():
-        return None  # a plan from device data is a data-dependent shape: padded kernel (module docstring)
     if attention_mask is None:
-        if position_ids is None or batch != 1 or position_ids.shape != (batch, seqlen):
+        if position_ids is None or batch != 1 or position_ids.shape != (batch, seqlen) or \
+                torch.compiler.is_compiling():
             return None
         # Sequences restart at the row's smallest position id, as transformers' flash attention reads them: 0, or
         # padding_idx + 1 for RoBERTa (DataCollatorWithFlattening(position_ids_start=...)).
         return ops.unpad_plan(None, position_ids - position_ids.min(), max_seqlen=seqlen)
+    if torch.compiler.is_compiling():  # the token count is then a data-dependent size (module docstring)
+        return traceable_unpad_plan(attention_mask)
     return ops.unpad_plan(attention_mask, max_seqlen=seqlen)
 
 
 def _key_mask(attention_mask: torch.Tensor | None, plan: ops.UnpadPlan | None) -> torch.Tensor | None:
     """(B, L) bool key-padding mask for the padded kernel; None when the plan says nothing is padded."""
-    if attention_mask is None or (plan is not None and plan.total_tokens == plan.batch * plan.seqlen):
+    if attention_mask is None or (plan is not None and _every_slot_real(plan)):
         return None
     return attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
 
 
 def _to_padded(tokens: torch.Tensor, plan: ops.UnpadPlan) -> torch.Tensor:
-    if plan.total_tokens == plan.batch * plan.seqlen:  # every slot real: the token stream is the padded layout
+    if _every_slot_real(plan):  # the token stream is the padded layout itself
         return tokens.view(plan.batch, plan.seqlen, -1)
     # index_copy, not index_put: its backward is an index_select, which no tracer mistakes for a boolean mask read.
     padded = tokens.new_zeros(plan.batch * plan.seqlen, tokens.shape[-1]).index_copy(0, plan.indices, tokens)
@@ -123,19 +135,25 @@ def _to_padded(tokens: torch.Tensor, plan: ops.UnpadPlan) -> torch.Tensor:
 def encoder_forward(
     self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
     token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-    inputs_embeds: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs],
+    inputs_embeds: torch.Tensor | None = None, unpad_plan: ops.UnpadPlan | None = None,
+    **kwargs: Unpack[TransformersKwargs],
 ) -> BaseModelOutputWithPastAndCrossAttentions | BaseModelOutputWithPoolingAndCrossAttentions | tuple:
-    """ElectraModel / BertModel / RobertaModel.forward, unpadded once (module docstring); `unpad_plan=` accepted."""
-    given_plan = kwargs.pop(PLAN_KEYWORD, None)
+    """ElectraModel / BertModel / RobertaModel.forward, unpadded once (module docstring). unpad_plan: where the
+    real tokens are (`ops.unpad_plan`, built in the data loader), spares the forward's host synchronisation."""
+    given_plan = unpad_plan
     packed = {name: kwargs.pop(name) for name in _PACKED_KEYWORDS if name in kwargs}
     mode = getattr(self, MARK)["encoder"]
     output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
     stock_only = any(kwargs.get(name) is not None for name in ("encoder_hidden_states", "past_key_values", "cache"))
     if mode == "transformers" or output_attentions or stock_only or (
             attention_mask is not None and attention_mask.dim() != 2):
-        if given_plan is not None or packed:
-            raise ValueError(f"{PLAN_KEYWORD} / cu_seq_lens_q need the fused attention (patch(attention=True)), "
-                             "a 2-D attention_mask and output_attentions=False")
+        # transformers' own forward: a plan of padding only is what the mask says already; packed rows it cannot keep
+        # apart.
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        if packed or (given_plan is not None and check_unpad_plan(
+                given_plan, inputs.shape[0], inputs.shape[1], inputs.device).packed):
+            raise ValueError(f"{PLAN_KEYWORD} / cu_seq_lens_q of packed sequences need the fused attention "
+                             "(patch(attention=True)), a 2-D attention_mask and output_attentions=False")
         return type(self).forward(self, input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                   position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
     if (input_ids is None) == (inputs_embeds is None):
@@ -150,7 +168,7 @@ def encoder_forward(
                                  inputs_embeds=inputs_embeds)
     if hasattr(self, "embeddings_project"):
         embeddings = self.embeddings_project(embeddings)
-    dtype = autocast_dtype(embeddings.device)
+    dtype = _autocast_dtype(embeddings.device)
     if dtype is not None:
         embeddings = embeddings.to(dtype)  # the residual stream's one cast (module docstring)
     batch, seqlen, hidden_size = embeddings.shape
@@ -159,7 +177,7 @@ def encoder_forward(
     if mode == "auto" or given_plan is not None or packed:  # "padded" needs no plan: it never unpads
         plan = _plan_of(attention_mask, position_ids, given_plan, packed, batch, seqlen, embeddings.device)
     if mode == "auto" and plan is not None and runs_unpadded(plan):
-        if plan.total_tokens == batch * seqlen:
+        if _every_slot_real(plan):
             hidden = embeddings.view(batch * seqlen, hidden_size)
         else:
             hidden = embeddings.view(batch * seqlen, hidden_size).index_select(0, plan.indices)

@@ -28,7 +28,7 @@ MARK = "_electra_triton"  # instance attribute of a patched module: {what is fus
 # Dtypes: the ops take matching dtypes, so cast as transformers' modules would under autocast.
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype autocast computes matmuls in on `device`, or None outside autocast."""
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -42,7 +42,7 @@ def _no_autocast(device: torch.device):
 
 def _linear_inputs(x: torch.Tensor, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """x, weight, bias in the dtype nn.Linear would compute in (the autocast dtype under autocast)."""
-    dtype = autocast_dtype(x.device)
+    dtype = _autocast_dtype(x.device)
     weight, bias = linear.weight, linear.bias
     if dtype is None:
         return x, weight, bias
@@ -70,7 +70,7 @@ def _layer_norm(
     if not getattr(module, MARK).get("layer_norm"):
         x = dropout(x) if dropout is not None else x
         return norm(x if residual is None else x + residual)
-    dtype = autocast_dtype(x.device)
+    dtype = _autocast_dtype(x.device)
     if dtype is None:
         same = residual is None or residual.dtype == x.dtype  # (promote_types is an op to a dispatch mode)
         dtype = x.dtype if same else torch.promote_types(x.dtype, residual.dtype)
@@ -107,7 +107,7 @@ def _packed_qkv_projection(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """One GEMM for q, k and v: the three Linear weights concatenated in the forward (parameters unchanged)."""
     weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
     bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-    dtype = autocast_dtype(hidden_states.device)
+    dtype = _autocast_dtype(hidden_states.device)
     if dtype is not None:  # one cast of the concatenated weight, not three
         hidden_states, weight, bias = hidden_states.to(dtype), weight.to(dtype), bias.to(dtype)
     with _no_autocast(hidden_states.device):

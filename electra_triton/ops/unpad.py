@@ -87,3 +87,27 @@ def unpad_plan(
         else:
             max_seqlen = seqlen
     return UnpadPlan(indices, cu_seqlens, max_seqlen, batch, seqlen, packed=position_ids is not None)
+
+
+@torch.library.custom_op("electra_triton::unpad_plan_of_mask", mutates_args=())
+def _plan_of_mask(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    plan = unpad_plan(attention_mask, max_seqlen=attention_mask.shape[1])
+    return plan.indices, plan.cu_seqlens
+
+
+@_plan_of_mask.register_fake
+def _(attention_mask):
+    total_tokens = torch.library.get_ctx().new_dynamic_size(max=attention_mask.numel())
+    return (attention_mask.new_empty((total_tokens,), dtype=torch.int64),
+            attention_mask.new_empty((attention_mask.shape[0] + 1,), dtype=torch.int32))
+
+
+def traceable_unpad_plan(attention_mask: torch.Tensor) -> UnpadPlan:
+    """`unpad_plan(attention_mask, max_seqlen=L)` as one opaque op, for code that torch.compile traces: the token count
+    is a data-dependent size there (dynamo keeps it symbolic, with no graph break). Eager callers should use
+    `unpad_plan`, whose synchronisation a dispatch-mode tracer can see."""
+    attention_mask = check_tensor("attention_mask", attention_mask)
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must have shape (B, L), got {tuple(attention_mask.shape)}")
+    indices, cu_seqlens = _plan_of_mask(attention_mask)
+    return UnpadPlan(indices, cu_seqlens, attention_mask.shape[1], *attention_mask.shape)
