@@ -116,6 +116,8 @@ def test_packing_pool_resumes_exactly():
     resumed = _batcher(examples, 40, packing=True, pool_size=24)
     resumed.load_state_dict(state)
     assert all(resumed.next_batch(4)["input_ids"].equal(e) for e in expected)
+    with pytest.raises(ValueError, match="predates row packing"):
+        resumed.load_state_dict(state["stream"])  # a stream-only position, as checkpoints held before
 
 
 def test_masking_is_per_example():
@@ -163,8 +165,8 @@ def _per_example_losses(generator, discriminator, batch, masked_ids, disc_ids, c
     example = torch.cumsum(starts.flatten(), 0) - 1  # examples numbered in order; padding joins its row's last
     real = mask.flatten().bool()
     count = int(example[real].max()) + 1
-    mlm_sum = torch.zeros(count).index_add(0, example[chosen.flatten()], mlm[chosen.flatten()])
-    rtd_mean = torch.zeros(count).index_add(0, example[real], rtd[real]) / torch.bincount(example[real])
+    mlm_sum = mlm.new_zeros(count).index_add(0, example[chosen.flatten()], mlm[chosen.flatten()])
+    rtd_mean = rtd.new_zeros(count).index_add(0, example[real], rtd[real]) / torch.bincount(example[real])
     return mlm_sum, rtd_mean
 
 
@@ -187,17 +189,21 @@ def _corrupt(batch, seed):
     return chosen, torch.where(chosen, MASK, ids), replaced
 
 
-@pytest.mark.parametrize("path", ["reference", "interpreter"])
-def test_packed_row_equals_one_example_per_row(path):
+def _on(batch: dict, device: str) -> dict:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+@pytest.mark.parametrize("path", ["reference", "kernels"])
+def test_packed_row_equals_one_example_per_row(path, device):
     """A packed row's per-example RTD and MLM losses, and all gradients, equal the same examples one per row (fp32).
 
-    reference: stock transformers models, packed rows kept apart by the block-diagonal mask. interpreter: the models
-    patched with every kernel, run in Triton's interpreter; the fused attention only where the encoder takes the
-    batch's unpad_plan (the patched attention reads a 4D mask as a key-padding mask), else transformers' attention
-    under the block-diagonal mask.
+    reference: stock transformers models, packed rows kept apart by the block-diagonal mask. kernels: the models
+    patched with every kernel (compiled on a GPU, else in Triton's interpreter), packed rows with the loader's
+    unpad_plan (the patched
+    encoder unpads once and runs varlen attention per example).
     """
-    if path == "interpreter" and not _dispatch.INTERPRET:
-        pytest.skip("runs the kernels in Triton's interpreter (TRITON_INTERPRET=1, set by conftest without CUDA)")
+    if path == "kernels" and device == "cpu" and not _dispatch.INTERPRET:
+        pytest.skip("runs the kernels on a GPU or in Triton's interpreter (TRITON_INTERPRET=1, set by conftest)")
     L = 32
     examples = random_examples(5, 14, seed=3)
     # No dropout; one head of 32 so that the attention kernel takes the models too.
@@ -213,13 +219,16 @@ def test_packed_row_equals_one_example_per_row(path):
     torch.manual_seed(0)
     generator, discriminator = build_models({**MICRO_MODEL, **fields}, {**MICRO_GENERATOR, **fields}, _Tokenizer())
     previous = _dispatch.get_kernel_mode()
-    if path == "interpreter":
+    generator.to(device)
+    discriminator.to(device)
+    if path == "kernels":
         _dispatch.set_kernel_mode("auto")
-        for model in (generator, discriminator):
-            electra_triton.patch(model, attention=accepts_unpad_plan(model))
+        electra_triton.patch(generator)
+        electra_triton.patch(discriminator)
     try:
         padded = _batcher(examples, L, packing=False).collate([[e] for e in examples])
         packer = _batcher(examples, L, packing=True, plan=accepts_unpad_plan(generator))
+        assert accepts_unpad_plan(discriminator) == (path == "kernels")
         rows, at, lengths = [[]], 0, [ListStream.example_length(e) for e in examples]
         for example, length in zip(examples, lengths, strict=True):
             if at + length > L:
@@ -229,9 +238,12 @@ def test_packed_row_equals_one_example_per_row(path):
             at += length
         packed = packer.collate(rows)
         assert len(rows) < len(examples)
+        # Through the kernels, packed rows travel with the loader's plan: varlen attention, each example to itself.
+        assert ("unpad_plan" in packed) == (path == "kernels")
         results = []
         for batch in (padded, packed):
-            chosen, masked_ids, disc_ids = _corrupt(batch, seed=7)
+            chosen, masked_ids, disc_ids = (t.to(device) for t in _corrupt(batch, seed=7))
+            batch = _on(batch, device)
             generator.zero_grad()
             discriminator.zero_grad()
             mlm, rtd = _per_example_losses(generator, discriminator, batch, masked_ids, disc_ids, chosen)
@@ -261,3 +273,80 @@ def test_packing_choice():
     assert "block-diagonal" in said[0] and "unpad_plan" in said[1] and "takes no unpad_plan" in said[2]
     with pytest.raises(RunError, match="--packing off"):
         choose_packing(type("Config", (), {"packing": "on", "max_seq_len": 32})(), True, False, said.append)
+
+
+def test_pretrainer_step_on_packed_rows_kernels_and_reference_agree(device):
+    """The production forward (ElectraPretrainer) on a packed batch: the models patched with the kernels (compiled,
+    or in the interpreter; the loader's unpad_plan) and the stock ones (block-diagonal mask) give the same losses and
+    gradients from the same seed."""
+    from electra_triton.pretrain.model import ElectraPretrainer
+
+    if device == "cpu" and not _dispatch.INTERPRET:
+        pytest.skip("runs the kernels on a GPU or in Triton's interpreter (TRITON_INTERPRET=1, set by conftest)")
+    L = 32
+    fields = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "max_position_embeddings": L,
+              "num_attention_heads": 1, "hidden_size": 32}
+
+    class _Tokenizer:
+        pad_token_id = PAD
+
+        def __len__(self):
+            return VOCAB
+
+    previous = _dispatch.get_kernel_mode()
+    _dispatch.set_kernel_mode("auto")
+    try:
+        results = []
+        for kernels in (False, True):
+            torch.manual_seed(0)
+            generator, discriminator = build_models({**MICRO_MODEL, **fields}, {**MICRO_GENERATOR, **fields},
+                                                    _Tokenizer())
+            if kernels:
+                electra_triton.patch(generator)
+                electra_triton.patch(discriminator)
+            # The fused head samples with in-kernel Philox noise, the reference with torch.rand: at a vanishing
+            # temperature both take the argmax, so both paths replace the same tokens and the losses are comparable.
+            model = ElectraPretrainer(generator, discriminator, SPECIALS.tolist(), MASK, max_seq_len=L,
+                                      packing=True, temperature=1e-6).to(device)
+            batch = _batcher(random_examples(40, L, seed=4), L, packing=True, pool_size=16,
+                             plan=accepts_unpad_plan(generator)).next_batch(4)
+            assert ("unpad_plan" in batch) == kernels
+            torch.manual_seed(1)
+            out = model(**_on(batch, device))
+            out["loss"].backward()
+            results.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        (reference, reference_grads), (fused, fused_grads) = results
+        for key in ("mlm_loss", "rtd_loss", "loss"):
+            torch.testing.assert_close(fused[key], reference[key], rtol=1e-5, atol=1e-5)
+        for key in ("mlm_count", "rtd_count", "replaced"):
+            assert fused[key] == reference[key]
+        for name, grad in reference_grads.items():
+            torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    finally:
+        _dispatch.set_kernel_mode(previous)
+
+
+@pytest.mark.slow
+def test_pretrain_packs_through_the_kernels(tmp_path, device, capsys):
+    """`pretrain` with the kernels (compiled, or in the interpreter): packing on by default, the loader's plan
+    carried to the encoders by the training loop."""
+    import json
+
+    from test_pretrain_data import micro_config
+
+    from electra_triton.pretrain import run
+
+    if device == "cpu" and not _dispatch.INTERPRET:
+        pytest.skip("runs the kernels on a GPU or in Triton's interpreter (TRITON_INTERPRET=1, set by conftest)")
+    heads = {"num_attention_heads": 1, "hidden_size": 32}  # a head dim the attention kernel takes
+    cfg = micro_config(tmp_path, kernels="auto", device="auto", max_steps=2, discriminator={**MICRO_MODEL, **heads},
+                       generator={**MICRO_GENERATOR, **heads})
+    previous = _dispatch.get_kernel_mode()
+    try:
+        assert run(cfg) == 0
+    finally:
+        _dispatch.set_kernel_mode(previous)
+    said = capsys.readouterr().err
+    assert "packing: on" in said and "through the encoder's unpad_plan" in said
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["fill"] > 0.9 for m in metrics)

@@ -146,9 +146,6 @@ def test_step_runs_the_pretrainer_and_counts_its_metrics():
     assert values["rtd_count"] == mask.sum().item() and values["loss"] > 0 and values["grad_norm"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason="needs issue 12's encoder (integration12: takes unpad_plan, no sync), the "
-                   "fused generator head (genhead13: no nonzero) and pretrain.model.accepts_unpad_plan recognising "
-                   "that encoder (it takes the plan through **kwargs); measured zero with all three in a scratch merge")
 def test_whole_patched_step_takes_no_host_sync():
     # The configuration meant to run sync-free: patched models, a padded batch with the unpad plan the loader builds
     # on the CPU (when the patched encoder takes one).
@@ -156,13 +153,12 @@ def test_whole_patched_step_takes_no_host_sync():
     step = _pretrain_step(model)
     ids, mask = _batch(B=2, L=16)
     batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
-    if accepts_unpad_plan(model.generator):
-        batch["unpad_plan"] = electra_triton.ops.unpad_plan(mask)
+    assert accepts_unpad_plan(model.generator) and accepts_unpad_plan(model.discriminator)
+    batch["unpad_plan"] = electra_triton.ops.unpad_plan(mask)
     step([batch])
     with OpTrace() as trace:
         step([batch])
     assert trace.host_syncs == 0, trace.sync_ops()
-
 
 
 def test_pretrain_loop_reads_metrics_on_logging_steps_only(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Corpus reading, tokenizer, and ELECTRA example packing: streaming, deterministic, rank-sharded, resumable.
+"""Corpus reading, tokenizer, and ELECTRA example building: streaming, deterministic, rank-sharded, resumable.
 
 Input formats (a corpus is a list of paths; folders are searched recursively, files sorted by name):
 - text (.txt, .text, .md, .rst or any other non-jsonl file): one sentence or paragraph per line, a blank line between
@@ -7,15 +7,17 @@ Input formats (a corpus is a list of paths; folders are searched recursively, fi
 - `stdlib`: the built-in corpus, docstrings of the Python standard library's .py files (read with `ast`, nothing
   imported, nothing downloaded).
 
-Packing follows google-research/electra build_pretraining_dataset.py (ExampleBuilder): sentences are accumulated until
+Examples follow google-research/electra build_pretraining_dataset.py (ExampleBuilder): sentences are accumulated until
 they reach the target length, then split into segment A and segment B ("[CLS] A [SEP] B [SEP]"), with 10% single-
 segment examples and 5% random-length targets. Unlike the original, a sentence longer than one example is cut into
 example-sized pieces instead of being truncated, so no text is dropped.
 
 Streaming: documents are read one at a time from disk and tokenized per document. Each rank tokenizes only the
 documents whose running index is its own (index % world_size == rank), so ranks see disjoint data. The stream's
-state (file, byte offset, document index, packer contents, RNG state, shuffle buffer) is a small JSON-able dict
-saved in every checkpoint: a resumed stream continues at the exact example.
+state (file, byte offset, document index, example builder, RNG state, shuffle buffer) is a small JSON-able dict
+saved in every checkpoint: a resumed stream continues at the exact example. Rows (one example each, or several packed
+together) are made from a stream's examples by `packing.Batcher`; `shards.ShardExampleStream` is this stream over
+data tokenized once by `electra-triton prepare`.
 """
 
 import ast
@@ -26,9 +28,12 @@ import random
 import sysconfig
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .packing import Batcher
 
 BUILTIN_CORPUS = "stdlib"
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
@@ -77,7 +82,7 @@ def resolve_corpus(paths: list[str]) -> list[tuple[str, str]]:
     return sources
 
 
-def _docstrings(path: str) -> list[str]:
+def module_docstrings(path: str) -> list[str]:
     try:
         tree = ast.parse(pathlib.Path(path).read_bytes())
     except (SyntaxError, ValueError, OSError):
@@ -90,7 +95,7 @@ def _docstrings(path: str) -> list[str]:
 def read_documents(kind: str, path: str, position: int = 0) -> Iterator[tuple[list[str], int]]:
     """Yield (sentences, position after the document) from `position` on."""
     if kind == "pydoc":
-        for index, doc in enumerate(_docstrings(path)[position:], start=position + 1):
+        for index, doc in enumerate(module_docstrings(path)[position:], start=position + 1):
             # Paragraphs are the sentences: docstring lines are wrapped at ~80 columns mid-sentence.
             paragraphs = [" ".join(p.split()) for p in doc.split("\n\n")]
             yield [p for p in paragraphs if p], index
@@ -209,7 +214,7 @@ def _describe(sources: list[tuple[str, str]]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Packing
+# Examples
 
 
 Span = tuple[int, int]  # [start, end) of a sentence's ids in a token array (a document's, or a shard's)
@@ -444,13 +449,14 @@ def special_ids(tokenizer) -> list[int]:
 
 
 class Prefetcher:
-    """Builds the next batches of `stream` in a background thread, so that tokenizing and packing overlap the step.
+    """Builds the next batches of `stream` (anything with next_batch(batch_size) and state_dict(): a
+    `packing.Batcher`) in a background thread, so that reading, tokenizing and packing overlap the step.
 
     `state_dict()` is the stream's position after the last batch *taken*, not after the batches built ahead: a
     checkpoint resumes at the first batch the training loop has not seen.
     """
 
-    def __init__(self, stream: ExampleStream, batch_size: int, depth: int = 2):
+    def __init__(self, stream: "Batcher", batch_size: int, depth: int = 2):
         self.stream = stream
         self.batch_size = batch_size
         self.state = stream.state_dict()

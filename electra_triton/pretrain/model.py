@@ -6,7 +6,6 @@ only (its LM head runs on the gathered positions), replacements are sampled with
 the discriminator labels a token replaced iff the sample differs from the original, loss = mlm + 50 * rtd.
 """
 
-import inspect
 from typing import Any
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
 
 from .. import ops
+from ..integration import fused_modules
 from ..ops import UnpadPlan
 
 
@@ -139,8 +139,9 @@ def encoder_inputs(attention_mask: torch.Tensor, token_type_ids: torch.Tensor, p
 
 
 def accepts_unpad_plan(model: nn.Module) -> bool:
-    """Whether the model's encoder takes an `unpad_plan=` (the patched encoder that unpads once per forward)."""
-    return "unpad_plan" in inspect.signature(model.electra.forward).parameters
+    """Whether the model's encoder serves a packed `unpad_plan=`: electra_triton.patch with the fused attention,
+    which unpads once per forward (its encoder refuses a plan otherwise, and reads a 4D mask's first row only)."""
+    return fused_modules(model).get("electra", {}).get("encoder") == "auto"
 
 
 class ElectraPretrainer(nn.Module):

@@ -41,23 +41,21 @@ class Batcher:
         self.plan = plan
         self.slots = prediction_slots(max_seq_len, mask_prob, packing)
         self._cls, self._sep = np.array([cls_id]), np.array([sep_id])
+        self._bounds = [predictions_bound(length, mask_prob) for length in range(max_seq_len + 1)]
         self._reset_pool()
 
     def _reset_pool(self) -> None:
         self.arrival: deque[int] = deque()  # pool keys, oldest first; keys already taken are skipped
         self.by_length: list[tuple[int, int]] = []  # (length, key), sorted
-        self.examples: dict[int, Any] = {}
+        self.examples: dict[int, tuple[Any, int]] = {}  # key -> (example, length)
         self.next_key = 0
 
     def _add(self, example) -> None:
         key, self.next_key = self.next_key, self.next_key + 1
-        self.examples[key] = example
+        length = self.stream.example_length(example)
+        self.examples[key] = (example, length)
         self.arrival.append(key)
-        bisect.insort(self.by_length, (self.stream.example_length(example), key))
-
-    def _take(self, length: int, key: int):
-        del self.by_length[bisect.bisect_left(self.by_length, (length, key))]
-        return self.examples.pop(key)
+        bisect.insort(self.by_length, (length, key))
 
     def _packed_row(self) -> list:
         while len(self.examples) < self.pool_size:
@@ -65,19 +63,21 @@ class Batcher:
         while self.arrival[0] not in self.examples:
             self.arrival.popleft()
         key = self.arrival.popleft()
-        length = self.stream.example_length(self.examples[key])
-        row = [self._take(length, key)]
-        space, budget = self.max_seq_len - length, self.slots - predictions_bound(length, self.mask_prob)
+        example, length = self.examples.pop(key)
+        by_length, bounds = self.by_length, self._bounds
+        del by_length[bisect.bisect_left(by_length, (length, key))]
+        row = [example]
+        space, budget = self.max_seq_len - length, self.slots - bounds[length]
         while space > 0:
-            index = bisect.bisect_right(self.by_length, (space, self.next_key)) - 1
+            index = bisect.bisect_right(by_length, (space, self.next_key)) - 1
             if index < 0:
                 break
-            length, key = self.by_length[index]
-            cost = predictions_bound(length, self.mask_prob)
-            if cost > budget:
+            length, key = by_length[index]
+            if bounds[length] > budget:
                 break
-            row.append(self._take(length, key))
-            space, budget = space - length, budget - cost
+            del by_length[index]
+            row.append(self.examples.pop(key)[0])
+            space, budget = space - length, budget - bounds[length]
         return row
 
     def next_batch(self, batch_size: int) -> dict[str, Any]:
@@ -119,10 +119,13 @@ class Batcher:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        pool = [self.examples[key] for key in self.arrival if key in self.examples]
+        pool = [self.examples[key][0] for key in self.arrival if key in self.examples]
         return {"stream": self.stream.state_dict(), "pool": pool}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "stream" not in state:
+            raise ValueError("the checkpoint's data position predates row packing (it has no packing pool): resume it "
+                             "with the electra-triton that wrote it, or start a new run in another --output-dir")
         self.stream.load_state_dict(state["stream"])
         self._reset_pool()
         for example in state["pool"]:

@@ -8,6 +8,7 @@ no half dataset that looks finished.
 """
 
 import argparse
+import contextlib
 import itertools
 import json
 import multiprocessing
@@ -20,14 +21,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from .config import BUILTIN_CORPUS, PRESETS
 from .data import (
     CorpusError,
     _describe,
-    _docstrings,
     load_tokenizer,
+    module_docstrings,
     resolve_corpus,
     train_tokenizer,
 )
@@ -43,14 +45,19 @@ from .shards import (
     tokenizer_fingerprint,
 )
 
-UNIT_BYTES = 1 << 22  # text read and tokenized as one piece of work
+UNIT_BYTES = 1 << 22  # text read and tokenized as one piece of work, at most
+MIN_UNIT_BYTES = 1 << 16  # and at least: units of a small corpus are 1/64 of it, so that every worker gets some
 SHARD_TOKENS = 1 << 27  # a shard closes at the first unit boundary past this many tokens
 
 Unit = tuple[str, str, int, int]  # kind, path, start byte, end byte (a whole .py file for kind "pydoc")
 
 
-def work_units(sources: list[tuple[str, str]], unit_bytes: int = UNIT_BYTES) -> list[Unit]:
-    """The corpus cut into units of ~unit_bytes, each ending at a document boundary, in corpus order."""
+def work_units(sources: list[tuple[str, str]], unit_bytes: int | None = None) -> list[Unit]:
+    """The corpus cut into units of ~unit_bytes (default: from the corpus size alone, never from the worker count),
+    each ending at a document boundary, in corpus order."""
+    if unit_bytes is None:
+        total = sum(os.path.getsize(path) for kind, path in sources if kind != "pydoc")
+        unit_bytes = min(UNIT_BYTES, max(MIN_UNIT_BYTES, total // 64))
     units: list[Unit] = []
     for kind, path in sources:
         size = os.path.getsize(path)
@@ -82,7 +89,7 @@ def _documents(unit: Unit) -> Iterator[list[str]]:
     """The documents of a unit as lists of sentences, read as data.read_documents reads them."""
     kind, path, start, end = unit
     if kind == "pydoc":
-        for doc in _docstrings(path):
+        for doc in module_docstrings(path):
             sentences = [" ".join(p.split()) for p in doc.split("\n\n")]
             if sentences := [s for s in sentences if s]:
                 yield sentences
@@ -125,7 +132,8 @@ def _init_worker(tokenizer_dir: str) -> None:
     global _worker_tokenizer
     # One process per core is the parallelism; the tokenizer's own threads would only compete with the others.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_tokenizer = load_tokenizer(tokenizer_dir).backend_tokenizer
+    # The fast tokenizer's own file (save_pretrained wrote it): loads in milliseconds, as each worker starts.
+    _worker_tokenizer = Tokenizer.from_file(str(pathlib.Path(tokenizer_dir) / "tokenizer.json"))
 
 
 def tokenize_unit(unit: Unit) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -190,8 +198,8 @@ class _ShardWriter:
 
 def prepare(corpus: list[str], output_dir: str, tokenizer: str | None = None, vocab_size: int | None = None,
             max_seq_len: int = 512, workers: int | None = None, overwrite: bool = False,
-            tokenizer_train_docs: int = 200_000, shard_tokens: int = SHARD_TOKENS, progress: bool = True
-            ) -> dict[str, Any]:
+            tokenizer_train_docs: int = 200_000, shard_tokens: int = SHARD_TOKENS, progress: bool = True,
+            unit_bytes: int | None = None) -> dict[str, Any]:
     """Tokenize `corpus` into a prepared folder at `output_dir`; returns the manifest. See `electra-triton prepare`."""
     out = pathlib.Path(output_dir)
     workers = workers or len(os.sched_getaffinity(0))
@@ -210,10 +218,12 @@ def prepare(corpus: list[str], output_dir: str, tokenizer: str | None = None, vo
     tokenizer_object = load_tokenizer(tokenizer) if tokenizer else None
     say = (lambda text: tqdm.write(text, file=sys.stderr)) if progress else (lambda text: None)
 
+    new_parents = [folder for folder in reversed(out.parents) if not folder.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
+    finished = False
     try:
         if tokenizer_object is None:
             vocab_size = vocab_size or PRESETS["base"]["discriminator"]["vocab_size"]
@@ -221,7 +231,11 @@ def prepare(corpus: list[str], output_dir: str, tokenizer: str | None = None, vo
                 "your own)")
             tokenizer_object = train_tokenizer(sources, vocab_size, tokenizer_train_docs, max_seq_len)
         tokenizer_object.save_pretrained(staging / TOKENIZER_DIR)
-        manifest = _tokenize(sources, staging, tokenizer_object, workers, shard_tokens, progress)
+        if not (staging / TOKENIZER_DIR / "tokenizer.json").is_file():
+            raise ValueError(f"--tokenizer {tokenizer}: not a fast (Rust `tokenizers`) tokenizer, which prepare's "
+                             "workers need: convert it (AutoTokenizer.from_pretrained(..., use_fast=True)) and save it")
+        manifest = _tokenize(work_units(sources, unit_bytes), staging, tokenizer_object, workers, shard_tokens,
+                             progress)
         manifest.update({"corpus": list(corpus), "max_seq_len": max_seq_len})
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         if out.exists():
@@ -231,18 +245,23 @@ def prepare(corpus: list[str], output_dir: str, tokenizer: str | None = None, vo
             shutil.rmtree(retired)
         else:
             os.replace(staging, out)
+        finished = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not finished:  # leave nothing behind, not even the folders made for the output
+            for folder in reversed(new_parents):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
     return manifest
 
 
-def _tokenize(sources, staging: pathlib.Path, tokenizer, workers: int, shard_tokens: int, progress: bool
+def _tokenize(units: list[Unit], staging: pathlib.Path, tokenizer, workers: int, shard_tokens: int, progress: bool
               ) -> dict[str, Any]:
-    units = work_units(sources)
     dtype = token_dtype(len(tokenizer))
     writer = _ShardWriter(staging, dtype, shard_tokens)
     total_bytes = sum(end - start for _, _, start, end in units)
     tokenizer_dir = str(staging / TOKENIZER_DIR)
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
     if workers == 1:
         _init_worker(tokenizer_dir)
         results = map(tokenize_unit, units)
@@ -264,11 +283,17 @@ def _tokenize(sources, staging: pathlib.Path, tokenizer, workers: int, shard_tok
     finally:
         if pool is not None:
             pool.terminate()
+            pool.join()
         bar.close()
+        if parallelism is None:  # what _init_worker or the fork above changed in this process
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallelism
     writer.close_shard()
     counts = {kind: sum(entry[kind]["count"] for entry in writer.entries) for kind in FILE_KINDS}
     if counts["tokens"] == 0:
-        raise CorpusError(f"the corpus ({_describe(sources)}) contains no text: pass non-empty files to --corpus")
+        names = _describe(list(dict.fromkeys((kind, path) for kind, path, _, _ in units)))
+        raise CorpusError(f"the corpus ({names}) contains no text: pass non-empty files to --corpus")
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "token_dtype": dtype.name, **counts,
             "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
                           **{name: getattr(tokenizer, name + "_id") for name in ("cls_token", "sep_token",
