@@ -140,25 +140,7 @@ def encoder_forward(
 ) -> BaseModelOutputWithPastAndCrossAttentions | BaseModelOutputWithPoolingAndCrossAttentions | tuple:
     """ElectraModel / BertModel / RobertaModel.forward, unpadded once (module docstring). unpad_plan: where the
     real tokens are (`ops.unpad_plan`, built in the data loader), spares the forward's host synchronisation."""
-    return _encoder(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, unpad_plan, kwargs)
-
-
-def padded_encoder_forward(
-    self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-    token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-    inputs_embeds: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs],
-) -> BaseModelOutputWithPastAndCrossAttentions | BaseModelOutputWithPoolingAndCrossAttentions | tuple:
-    """The base-model forward of `patch(attention="padded")` or of models whose attention stays transformers':
-    never unpadded, so its signature advertises no `unpad_plan` (callers that read it keep packed rows apart with a
-    mask); a padding-only plan passed anyway is checked and unneeded, a packed one refused."""
-    plan = kwargs.pop(PLAN_KEYWORD, None)
-    return _encoder(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, plan, kwargs)
-
-
-def _encoder(
-    self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, token_type_ids: torch.Tensor | None,
-    position_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, given_plan: object, kwargs: dict[str, Any],
-) -> BaseModelOutputWithPastAndCrossAttentions | BaseModelOutputWithPoolingAndCrossAttentions | tuple:
+    given_plan = unpad_plan
     packed = {name: kwargs.pop(name) for name in _PACKED_KEYWORDS if name in kwargs}
     mode = getattr(self, MARK)["encoder"]
     output_attentions = kwargs.get("output_attentions", self.config.output_attentions)

@@ -99,8 +99,7 @@ def plan(model: nn.Module, flags: dict[str, Any]) -> tuple[list[tuple[nn.Module,
             # refused with an error, never silently ignored (packed rows would attend across sequences).
             attention = next((m for m in module.modules() if isinstance(m, SELF_ATTENTION)), None)
             mode = (how(attention, "attention") if attention is not None else None) or "transformers"
-            forward = encoder.encoder_forward if mode == "auto" else encoder.padded_encoder_forward
-            bindings.append((module, forward, {"encoder": mode}))
+            bindings.append((module, encoder.encoder_forward, {"encoder": mode}))
             continue
         row = next((row for row in TABLE if isinstance(module, row[0])), None)
         if row is None:
