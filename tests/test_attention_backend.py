@@ -142,3 +142,130 @@ def test_registered_on_import():
 
     assert attention_backend.NAME in ALL_ATTENTION_FUNCTIONS
     assert ALL_MASK_ATTENTION_FUNCTIONS["electra_triton"] is attention_backend.electra_triton_mask
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Packed sequences (transformers' DataCollatorWithFlattening conventions) and output_attentions.
+
+PACKED_LENGTHS = [5, 9, 3]
+
+
+def _sequences(lengths=PACKED_LENGTHS):
+    torch.manual_seed(2)
+    return [torch.randint(3, 99, (n,)) for n in lengths]
+
+
+def _padded(sequences):
+    seqlen = max(len(s) for s in sequences)
+    ids = torch.stack([torch.cat([s, s.new_full((seqlen - len(s),), 1)]) for s in sequences]).to(DEVICE)
+    mask = (torch.arange(seqlen) < torch.tensor([len(s) for s in sequences])[:, None]).long().to(DEVICE)
+    return ids, mask
+
+
+def _per_token_loss_and_grads(model, tokens):
+    """A fixed projection of the real tokens' hidden states (T, hidden), its value and parameter gradients."""
+    model.zero_grad()
+    weights = torch.linspace(-1, 1, tokens.numel(), device=DEVICE).view(tokens.shape)
+    (tokens * weights).sum().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_grads_close(ours, theirs):
+    assert ours.keys() == theirs.keys()
+    for name, grad in theirs.items():
+        torch.testing.assert_close(ours[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+def test_packed_sequences_match_unpacked(name, flash_kwargs, calls):
+    from transformers import DataCollatorWithFlattening
+
+    sequences = _sequences()
+    ids, mask = _padded(sequences)
+    eager = build(name)
+    unpacked = eager(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]  # (T, hidden)
+    eager_grads = _per_token_loss_and_grads(eager, unpacked)
+
+    # RoBERTa's positions start after its padding index, so its packed position ids must too.
+    start = eager.config.pad_token_id + 1 if name == "roberta" else 0
+    collate = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs, position_ids_start=start)
+    batch = collate([{"input_ids": s.tolist()} for s in sequences])
+    batch.pop("labels")
+    assert ("cu_seq_lens_q" in batch) == flash_kwargs
+    model = build(name, "electra_triton")
+    packed = model(**{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+    packed = packed.last_hidden_state[0]  # (T, hidden): the sequences back to back
+    torch.testing.assert_close(packed, unpacked, rtol=1e-4, atol=1e-4)
+    _assert_grads_close(_per_token_loss_and_grads(model, packed), eager_grads)
+    assert {op for op, _ in calls} == {"attention_varlen"}
+
+
+def test_packed_rows_with_padding_by_position_ids(calls):
+    """Two padded rows of two sequences each, sequences restarting at position id 0 (`pretrain --packing`'s layout):
+    each sequence attends to itself only, as if it were alone."""
+    sequences = _sequences([4, 3, 5, 2])
+    alone, alone_mask = _padded(sequences)
+    eager = build("electra")
+    expected = eager(input_ids=alone, attention_mask=alone_mask).last_hidden_state[alone_mask.bool()]
+    eager_grads = _per_token_loss_and_grads(eager, expected)
+
+    rows = [torch.cat(sequences[:2]), torch.cat(sequences[2:])]
+    ids, mask = _padded(rows)
+    positions = torch.zeros_like(ids)
+    positions[0, :7] = torch.cat([torch.arange(4), torch.arange(3)])
+    positions[1, :7] = torch.cat([torch.arange(5), torch.arange(2)])
+    model = build("electra", "electra_triton")
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[mask.bool()]
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    _assert_grads_close(_per_token_loss_and_grads(model, out), eager_grads)
+    assert {op for op, _ in calls} == {"attention_varlen"}
+
+
+def test_unequal_cu_seq_lens_are_refused():
+    model = build("electra", "electra_triton")
+    cu = torch.tensor([0, 4, 8], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="cu_seq_lens_k"):
+        model(input_ids=torch.randint(3, 99, (1, 8), device=DEVICE), cu_seq_lens_q=cu, cu_seq_lens_k=cu.flip(0),
+              max_length_q=4, max_length_k=4)
+
+
+def test_output_attentions_are_eager_probabilities(calls, caplog):
+    """output_attentions=True: transformers' eager attention for that call, its exact probabilities; packed
+    sequences give block-diagonal maps, each block the sequence's own."""
+    ids, mask = batch([10, 4], 10)
+    eager = build("electra")
+    model = build("electra", "electra_triton")
+    attention_backend._warned.clear()
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="electra_triton"):
+        ours = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        theirs = eager(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert calls == [] and caplog.text.count("attention maps are returned") == 1
+    assert len(ours.attentions) == SIZES["num_hidden_layers"]
+    for a, b in zip(ours.attentions, theirs.attentions):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.last_hidden_state, theirs.last_hidden_state, rtol=1e-5, atol=1e-5)
+
+    from transformers import DataCollatorWithFlattening
+
+    sequences = _sequences([3, 5])
+    packed = DataCollatorWithFlattening()([{"input_ids": s.tolist()} for s in sequences])
+    with torch.no_grad():
+        maps = model(input_ids=packed["input_ids"].to(DEVICE), position_ids=packed["position_ids"].to(DEVICE),
+                     output_attentions=True).attentions[0][0]  # (H, 8, 8)
+        first = eager(input_ids=sequences[0][None].to(DEVICE), output_attentions=True).attentions[0][0]
+    assert maps[:, :3, 3:].abs().max() == 0 and maps[:, 3:, :3].abs().max() == 0
+    torch.testing.assert_close(maps[:, :3, :3], first, rtol=1e-5, atol=1e-6)
+
+
+def test_position_ids_keep_fullgraph_tracing():
+    # Finding packed sequences in position ids is a data-dependent shape: skipped while dynamo traces, so a model
+    # given plain position ids (and no mask) still captures as one graph.
+    model = build("electra", "electra_triton")
+    ids = torch.randint(3, 99, (2, 12), device=DEVICE)
+    positions = torch.arange(12, device=DEVICE).expand(2, 12)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        out = compiled(input_ids=ids, position_ids=positions).last_hidden_state
+        torch.testing.assert_close(out, hidden(build("electra"), ids, torch.ones_like(ids)), rtol=1e-4, atol=1e-4)

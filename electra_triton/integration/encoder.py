@@ -10,9 +10,10 @@ one. Under autocast the embeddings' output is cast to the autocast dtype once: t
 Where the plan comes from, in order: the caller's `unpad_plan=` (built on the CPU in the data loader: no host
 synchronisation at all); transformers' packed-sequence keywords `cu_seq_lens_q` / `max_length_q`
 (DataCollatorWithFlattening); a one-row batch with `position_ids` and no mask (packed by position ids restarting
-at 0; eager only); the attention mask. The last two cost one host synchronisation (the token count) in eager mode.
-Under torch.compile the mask's plan is one opaque op (`ops.unpad.traceable_unpad_plan`) whose token count is a
-data-dependent size: no graph break; the op itself still synchronises once (the token count), as eager does.
+at their minimum: 0, or a RoBERTa-style start; eager only); the attention mask. The last two cost one host
+synchronisation (the token count) in eager mode. Under torch.compile the mask's plan is one opaque op
+(`ops.unpad.traceable_unpad_plan`) whose token count is a data-dependent size: no graph break; the op itself still
+synchronises once (the token count), as eager does.
 
 The one rule, eager and compiled alike: unpad when the plan packs sequences or when at least MIN_PADDING_FRACTION of
 the B x L slots are padding; otherwise run the padded kernel, with no gather, and without a mask at all when nothing
@@ -108,7 +109,9 @@ def _plan_of(
         if position_ids is None or batch != 1 or position_ids.shape != (batch, seqlen) or \
                 torch.compiler.is_compiling():
             return None
-        return ops.unpad_plan(None, position_ids, max_seqlen=seqlen)
+        # Sequences restart at the row's smallest position id, as transformers' flash attention reads them: 0, or
+        # padding_idx + 1 for RoBERTa (DataCollatorWithFlattening(position_ids_start=...)).
+        return ops.unpad_plan(None, position_ids - position_ids.min(), max_seqlen=seqlen)
     if torch.compiler.is_compiling():  # the token count is then a data-dependent size (module docstring)
         return traceable_unpad_plan(attention_mask)
     return ops.unpad_plan(attention_mask, max_seqlen=seqlen)

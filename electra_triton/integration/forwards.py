@@ -4,6 +4,8 @@ Each reads its own module's parameters inside its own forward (what FSDP's per-m
 need) and what is fused there from the module's MARK attribute, set by `patch`.
 """
 
+import inspect
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -12,9 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.electra import modeling_electra as electra
 from transformers.models.roberta import modeling_roberta as roberta
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
 from .. import ops
+from .attention_backend import ATTENTION_MAPS, attention_maps_requested, eager_attention
 
 MARK = "_electra_triton"  # instance attribute of a patched module: {what is fused there: how}
 
@@ -118,6 +123,17 @@ def self_attention_forward(
     heads, head_dim = self.num_attention_heads, self.attention_head_size
     qkv = _packed_qkv_projection(self, hidden_states)
     dropout_p = self.dropout.p if self.training else 0.0
+    # Transformers' eager attention, exact, for this call when the kernel cannot serve it: attention maps requested
+    # (it never forms them), or a 4D mask with a row per query (user-built: not a key-padding mask). transformers'
+    # own encoder forward runs then, so the layout is padded and the mask is transformers'.
+    maps = attention_maps_requested(self, kwargs)
+    general_mask = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] > 1
+    if unpad_plan is None and (maps or general_mask):
+        batch, seqlen = hidden_states.shape[:2]
+        q, k, v = qkv.view(batch, seqlen, 3, heads, head_dim).transpose(1, 3).unbind(2)  # (B, H, L, D) each
+        reason = ATTENTION_MAPS if maps else "a 4D attention mask is given"
+        out, probabilities = eager_attention(self, q, k, v, attention_mask, dropout_p, self.scaling, reason=reason)
+        return out.reshape(batch, seqlen, heads * head_dim), probabilities
     with _no_autocast(qkv.device):
         if unpad_plan is not None:
             tokens = hidden_states.shape[0]
@@ -194,12 +210,47 @@ def lm_head_forward(
         return ops.mlm_loss(hidden, weight, bias, labels), None
 
 
+# The head-level forwards keep transformers' signatures and annotations (`**kwargs: Unpack[TransformersKwargs]`):
+# transformers' own tests and Trainer read them to learn what a model accepts and can return.
+
+_presented: dict[tuple[Callable, Callable], Callable] = {}
+
+
+def with_transformers_signature(stock: Callable, fused: Callable) -> Callable:
+    """`fused` as a forward with `stock`'s signature, annotations and positional order (a model class's own forward),
+    plus `fused`'s extra named parameters as keyword-only ones. Positional arguments reach `fused` by their names in
+    `stock`, so a fused forward may take what it does not handle itself through **kwargs. One per (stock, fused)."""
+    if (stock, fused) in _presented:
+        return _presented[(stock, fused)]
+    theirs = inspect.signature(stock)
+    names = list(theirs.parameters)[1:]  # without self
+    named = [p for p in theirs.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    extra = [p.replace(kind=p.KEYWORD_ONLY) for name, p in inspect.signature(fused).parameters.items()
+             if name not in theirs.parameters and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    var_keyword = [p for p in theirs.parameters.values() if p.kind is p.VAR_KEYWORD]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) > len(names):
+            raise TypeError(f"forward() takes {len(names)} positional arguments but {len(args)} were given")
+        for name, value in zip(names, args):
+            if name in kwargs:
+                raise TypeError(f"forward() got multiple values for argument '{name}'")
+            kwargs[name] = value
+        return fused(self, **kwargs)
+
+    forward.__name__, forward.__qualname__, forward.__doc__ = fused.__name__, fused.__qualname__, fused.__doc__
+    forward.__signature__ = theirs.replace(parameters=named + extra + var_keyword)
+    _presented[(stock, fused)] = forward
+    return forward
+
+
 @can_return_tuple
 def pretraining_forward(
     self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
     token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-    inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs: Any,
-) -> electra.ElectraForPreTrainingOutput:
+    inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor] | electra.ElectraForPreTrainingOutput:
     """ElectraForPreTraining.forward with the RTD loss fused into the discriminator head."""
     outputs = self.electra(
         input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
@@ -219,9 +270,9 @@ def pretraining_forward(
 def masked_lm_forward(
     self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
     token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-    inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None, skip_logits: bool | None = None,
-    **kwargs: Any,
-) -> electra.MaskedLMOutput:
+    inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None, *, skip_logits: bool | None = None,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor] | electra.MaskedLMOutput:
     """ElectraForMaskedLM.forward with the fused MLM loss; `skip_logits` defaults to `self.training and labels`."""
     outputs = self.electra(
         input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,

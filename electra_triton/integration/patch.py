@@ -40,11 +40,12 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.models.bert import modeling_bert as bert
 from transformers.models.electra import modeling_electra as electra
 from transformers.models.roberta import modeling_roberta as roberta
 
-from .forwards import MARK
+from .forwards import MARK, with_transformers_signature
 from .plan import plan
 
 FLAGS = ("attention", "gelu_linear", "layer_norm", "rtd_loss", "mlm_loss")
@@ -56,6 +57,8 @@ def _bind(module: nn.Module, forward: Callable, fused: dict[str, Any]) -> None:
     # Re-patching (idempotence, or a different flag set) starts from the module's own class methods.
     _restore(module)
     setattr(module, MARK, fused)
+    if isinstance(module, PreTrainedModel):  # what users, Trainer and transformers' tests inspect
+        forward = with_transformers_signature(type(module).forward, forward)
     module.forward = types.MethodType(forward, module)
     original_repr = type(module).extra_repr
     summary = ", ".join(k if v is True else f"{k}={v}" for k, v in fused.items())
