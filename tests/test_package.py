@@ -41,3 +41,14 @@ def test_console_script_lists_subcommands():
     assert result.returncode == 2 and "check-compile" in result.stderr
     result = subprocess.run([sys.executable, "-m", "electra_triton.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
+
+
+def test_every_subpackage_is_shipped():
+    # setuptools installs exactly the listed packages: a subpackage missing there works from the checkout only.
+    import tomllib
+
+    listed = set(tomllib.loads((REPOSITORY / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(REPOSITORY).parts)
+             for init in (REPOSITORY / "electra_triton").rglob("__init__.py")}
+    found.add("electra_triton.kernels")
+    assert found == listed
