@@ -46,7 +46,9 @@ from ..ops.attention import attention, attention_varlen, pad_input, unpad_input
 from ..ops.unpad import unpad_plan
 
 NAME = "electra_triton"
-# Unpadding costs a gather of q, k, v and a scatter of the output per layer; attention saved grows with the padding.
+# Unpadding here costs a gather of q, k, v and a scatter of the output in every layer (this backend sees one attention
+# call, not the encoder), and only attention's FLOPs are saved; hence a higher bar than the patched encoder's
+# MIN_PADDING_FRACTION (1/64), which gathers once per forward and saves every GEMM's padding too.
 # Chosen without GPU measurement (2026-11-22): re-tune with benchmarks/attention.py's varlen case.
 VARLEN_PADDING_FRACTION = 0.3
 
