@@ -93,11 +93,16 @@ class ElectraPretrainer(nn.Module):
         self.temperature = temperature
         self.num_slots = max_predictions(max_seq_len, mask_prob)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
+                rng: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Losses and metric sums of one batch, plus the per-token outputs evaluation reads (see metrics.py).
+
+        rng draws the masks and the generator's samples (evaluation passes a freshly seeded one so that every
+        evaluation masks alike); None draws from torch's default generator.
+        """
         vocab_size = self.generator.config.vocab_size
         masked = mask_tokens(input_ids, attention_mask, self.special_ids, self.mask_id, vocab_size, self.mask_prob,
-                             self.mask_token_prob, self.random_token_prob, self.num_slots)
+                             self.mask_token_prob, self.random_token_prob, self.num_slots, rng)
         positions, targets, weights = masked["positions"], masked["targets"], masked["weights"]  # (B, P)
 
         hidden = self.generator.electra(masked["masked_ids"], attention_mask=attention_mask,
@@ -115,7 +120,7 @@ class ElectraPretrainer(nn.Module):
             per_slot = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")  # (B*P,)
             mlm_loss = (per_slot * weights.flatten()).sum() / num_predicted.clamp_min(1)
 
-        sampled = gumbel_sample(logits, self.temperature)  # (B, P)
+        sampled = gumbel_sample(logits, self.temperature, rng)  # (B, P)
         disc_ids = input_ids.scatter(1, positions, torch.where(weights, sampled, targets))  # (B, L)
         rtd_labels = ((disc_ids != input_ids) & (attention_mask == 1)).long()  # (B, L)
         out = self.discriminator(disc_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
@@ -125,12 +130,16 @@ class ElectraPretrainer(nn.Module):
 
         with torch.no_grad():
             active = attention_mask == 1
-            mlm_correct = ((logits.argmax(-1) == targets) & weights).sum()
+            predictions = logits.argmax(-1)
+            mlm_correct = ((predictions == targets) & weights).sum()
             rtd_correct = (((out.logits > 0).long() == rtd_labels) & active).sum()
         return {
             "loss": loss, "mlm_loss": mlm_loss.detach(), "rtd_loss": rtd_loss.detach(),
             "mlm_correct": mlm_correct, "mlm_count": num_predicted, "rtd_correct": rtd_correct,
             "rtd_count": active.sum(), "replaced": rtd_labels.sum(),
+            # Per-token outputs for evaluation: (B, L) discriminator logits and labels, (B, P) masked slots.
+            "disc_logits": out.logits, "rtd_labels": rtd_labels, "mlm_predictions": predictions, "sampled": sampled,
+            "targets": targets, "weights": weights,
         }
 
 

@@ -20,6 +20,7 @@ import electra_triton
 
 from ..ops import _dispatch
 from . import checkpoint as ckpt
+from . import plots
 from .config import PretrainConfig, explicit_flags, parse_args
 from .data import (
     CorpusError,
@@ -31,6 +32,8 @@ from .data import (
     special_ids,
     train_tokenizer,
 )
+from .evaluate import Evaluator, plan_evaluation
+from .metrics import EVAL_KEYS, MetricsLog, tensorboard_writer
 from .model import ElectraPretrainer, build_models, flops_per_token, linear_schedule, parameter_groups, peak_flops
 
 RUN_CONFIG = "run_config.json"
@@ -174,6 +177,11 @@ class Trainer:
     def setup(self) -> None:
         cfg, rt = self.cfg, self.rt
         check_output_dir(cfg)
+        if cfg.report_to == "tensorboard":
+            try:
+                tensorboard_writer()
+            except ValueError as error:
+                raise RunError(str(error)) from error
         sources = resolve_corpus(cfg.corpus)
         use_kernels = select_kernels(cfg, rt.device, self.say)
         if rt.main:
@@ -193,8 +201,10 @@ class Trainer:
             generator, discriminator, special_ids(self.tokenizer), self.tokenizer.mask_token_id, cfg.mask_prob,
             cfg.mask_token_prob, cfg.random_token_prob, cfg.rtd_weight, cfg.temperature, cfg.max_seq_len,
         ).to(rt.device)
+        plan = plan_evaluation(cfg.eval_docs, cfg.eval_corpus, sources, self.say)
         self.stream = ExampleStream(sources, self.tokenizer, cfg.max_seq_len, cfg.seed, rt.rank, rt.world_size,
-                                    cfg.shuffle_buffer)
+                                    cfg.shuffle_buffer, held_out_docs=plan.train_held_out)
+        self.evaluator = self._build_evaluator(plan)
         self.step = 0
         state = None
         if cfg.resume:
@@ -249,6 +259,33 @@ class Trainer:
         gen_cfg, disc_cfg = self.configs
         self.flops_per_token = flops_per_token(disc_cfg, gen_cfg, cfg.max_seq_len, cfg.mask_prob)
         self.peak = peak_flops(rt.device)
+
+    def _build_evaluator(self, plan) -> Evaluator | None:
+        cfg, rt = self.cfg, self.rt
+        if plan.docs == 0:
+            return None
+        evaluator = Evaluator.build(plan, self.tokenizer, cfg.max_seq_len, cfg.batch_size, len(self.tokenizer),
+                                    cfg.seed, rt.rank, rt.world_size, rt.device, rt.distributed)
+        where = "of --eval-corpus" if cfg.eval_corpus else "held out of the corpus, never trained on"
+        if evaluator is None:
+            self.say(f"evaluation is off: the {plan.docs} documents {where} hold no text")
+        else:
+            self.say(f"evaluation: every {cfg.eval_every} steps and at the end, on the first {plan.docs} documents "
+                     f"{where} ({evaluator.num_examples} examples" + (" on rank 0)" if rt.distributed else ")"))
+        if not plots.available():
+            self.say("plots: matplotlib is not installed, so no PNGs under plots/ (pip install matplotlib)")
+        return evaluator
+
+    def evaluate(self) -> dict[str, Any]:
+        """The held-out metrics now, as a metrics.jsonl row; also remembers the unigram baseline."""
+        totals = self.evaluator.evaluate(self.model, self.autocast)
+        self.unigram_accuracy = totals.unigram_accuracy()
+        return {"step": self.step, "split": "eval", **totals.metrics()}
+
+    def plot(self) -> None:
+        """PNGs of the run so far under OUTPUT_DIR/plots (nothing without matplotlib; said once at setup)."""
+        if self.rt.main and plots.available():
+            plots.write_run_plots(self.out)
 
     def _truncate_metrics(self) -> None:
         path = self.out / METRICS
@@ -349,9 +386,10 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.max_seq_len * cfg.grad_accum * rt.world_size
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not rt.main, unit="step", dynamic_ncols=True,
                    desc="pretrain")
-        metrics_file = open(self.out / METRICS, "a") if rt.main else None  # noqa: SIM115
+        metrics_log = MetricsLog(self.out / METRICS, self.out / "tensorboard" if cfg.report_to == "tensorboard"
+                                 else None, self.step) if rt.main else None
         started, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
-        first_step, last = self.step, {}
+        first_step, last, last_eval = self.step, {}, {}
         try:
             while self.step < cfg.max_steps:
                 lr = self.scheduler.get_last_lr()[0]
@@ -385,6 +423,7 @@ class Trainer:
                     tokens_per_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
                     last = {
                         "step": self.step,
+                        "split": "train",
                         "loss": values["loss"] / micro_steps,
                         "mlm_loss": values["mlm_loss"] / micro_steps,
                         "rtd_loss": values["rtd_loss"] / micro_steps,
@@ -399,11 +438,17 @@ class Trainer:
                         last["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * rt.world_size)
                         postfix["mfu"] = f"{last['mfu']:.1%}"
                     bar.set_postfix(postfix, refresh=False)
-                    if metrics_file:
-                        metrics_file.write(json.dumps(last) + "\n")
-                        metrics_file.flush()
+                    if metrics_log:
+                        metrics_log.write(last)
                     window.zero_()
                     window_start, window_steps = time.perf_counter(), 0
+
+                if self.evaluator and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+                    last_eval = self.evaluate()
+                    if metrics_log:
+                        metrics_log.write(last_eval)
+                    self.say(f"eval step {self.step}: " + ", ".join(f"{key} {last_eval[key]:.3f}" for key in EVAL_KEYS))
+                    window_start = time.perf_counter()  # throughput counts training only
 
                 stop = self._should_stop()
                 if stop:
@@ -414,23 +459,34 @@ class Trainer:
                     return 128 + self.stop_signal
                 if self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                     self.save_checkpoint()
+                    self.plot()
             bar.close()
             self.save_checkpoint()
             self.save_final()
         finally:
             bar.close()
-            if metrics_file:
-                metrics_file.close()
+            if metrics_log:
+                metrics_log.close()
+        self.plot()
         if rt.main:
             out = self.out.resolve()
             minutes, seconds = divmod(time.perf_counter() - started, 60)
             summary = f"loss {last['loss']:.3f}, MLM acc {last['mlm_acc']:.3f}, RTD acc {last['rtd_acc']:.3f}" \
                 if last else "no step taken"
+            held_out = ""
+            if last_eval:
+                times_baseline = last_eval["mlm_accuracy"] / max(self.unigram_accuracy, 1e-9)
+                held_out = (
+                    f"  held-out eval  disc_auc {last_eval['disc_auc']:.3f}, disc precision "
+                    f"{last_eval['disc_precision']:.3f}, recall {last_eval['disc_recall']:.3f}; mlm_accuracy "
+                    f"{last_eval['mlm_accuracy']:.3f} = {times_baseline:.1f}x the unigram baseline "
+                    f"{self.unigram_accuracy:.3f} (always predicting the most frequent masked token)\n"
+                )
             print(
-                f"\ndone: steps {first_step} -> {self.step} in {int(minutes)}m{seconds:.0f}s ({summary})\n"
+                f"\ndone: steps {first_step} -> {self.step} in {int(minutes)}m{seconds:.0f}s ({summary})\n{held_out}"
                 f"  discriminator  {out / 'discriminator'}   (ElectraForPreTraining.from_pretrained)\n"
                 f"  generator      {out / 'generator'}   (ElectraForMaskedLM.from_pretrained)\n"
-                f"  metrics        {out / METRICS}\n"
+                f"  metrics        {out / METRICS}   (plots: {out / 'plots'}; compare runs: electra-triton plot)\n"
                 f"  checkpoints    {out / 'checkpoints'}   (continue with --resume and a larger --max-steps)"
             )
         return 0
