@@ -205,6 +205,8 @@ class Trainer:
         self.stream = ExampleStream(sources, self.tokenizer, cfg.max_seq_len, cfg.seed, rt.rank, rt.world_size,
                                     cfg.shuffle_buffer, held_out_docs=plan.train_held_out)
         self.evaluator = self._build_evaluator(plan)
+        if not plots.available():
+            self.say("plots: matplotlib is not installed, so no PNGs under plots/ (pip install matplotlib)")
         self.step = 0
         state = None
         if cfg.resume:
@@ -272,8 +274,6 @@ class Trainer:
         else:
             self.say(f"evaluation: every {cfg.eval_every} steps and at the end, on the first {plan.docs} documents "
                      f"{where} ({evaluator.num_examples} examples" + (" on rank 0)" if rt.distributed else ")"))
-        if not plots.available():
-            self.say("plots: matplotlib is not installed, so no PNGs under plots/ (pip install matplotlib)")
         return evaluator
 
     def evaluate(self) -> dict[str, Any]:
