@@ -4,7 +4,9 @@
 
 Cases: with and without a key-padding mask (sequence lengths uniform in [L/2, L], right-padded) and attention
 dropout 0.1, forward, backward (alone, from a retained graph) and forward+backward; plus a varlen batch of ~16k real
-tokens with lengths uniform in [32, 512], where the padded impls run on the batch padded to 512.
+tokens with lengths uniform in [32, 512], where the padded impls run on the batch padded to 512. The qkv-packed ops
+(`electra_triton-qkvpacked`, `electra_triton-varlen-qkvpacked`) run each case on one (B, L, 3, H, D) / (T, 3, H, D)
+leaf, as the output of a fused QKV projection, and return its one gradient.
 
 FLOPs follow FlashAttention: 4 * B * H * L^2 * D forward, 2.5x that backward, whatever the mask (masked work still
 runs in every padded impl). The varlen case counts only the real tokens' work (4 * H * D * sum(l_i^2)) for every
@@ -14,7 +16,7 @@ impl, so its TFLOP/s are effective rates and the padded impls look as slow as th
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from electra_triton.ops import attention, attention_varlen
+from electra_triton.ops import attention, attention_qkvpacked, attention_varlen, attention_varlen_qkvpacked
 
 from .common import Bench, print_standalone
 
@@ -111,7 +113,16 @@ def padded_cases(bench: Bench, dtype: torch.dtype) -> list[dict]:
                 flops = 4 * batch * heads * seqlen**2 * head_dim
                 for impl, fn in impls(has_mask).items():
                     rows += _time_passes(bench, impl, fn, input_sets, case, dtype, flops, B=batch, L=seqlen)
+                qkv_sets = [(_packed_qkv((batch, seqlen), heads, head_dim, bench.device, dtype), mask, dropout_p)
+                            for *_, mask, dropout_p in input_sets]
+                rows += _time_passes(bench, "electra_triton-qkvpacked", attention_qkvpacked, qkv_sets, case, dtype,
+                                     flops, B=batch, L=seqlen)
     return rows
+
+
+def _packed_qkv(leading: tuple[int, ...], heads, head_dim, device, dtype) -> torch.Tensor:
+    """A (..., 3, H, D) leaf, as a fused QKV projection's output viewed per head."""
+    return torch.randn(*leading, 3, heads, head_dim, device=device, dtype=dtype).requires_grad_()
 
 
 def varlen_case(bench: Bench, dtype: torch.dtype) -> list[dict]:
@@ -131,15 +142,19 @@ def varlen_case(bench: Bench, dtype: torch.dtype) -> list[dict]:
     rows = []
     for dropout_p in (0.0, DROPOUT):
         case_p = case + (" dropout" if dropout_p else "")
-        padded_sets, packed_sets = [], []
+        padded_sets, packed_sets, qkv_sets = [], [], []
         for _ in range(bench.rotations):
             q, k, v = _hf_layout(batch, seqlen, heads, head_dim, bench.device, dtype)
             padded_sets.append((q, k, v, mask, dropout_p))
             packed = [t.detach().transpose(1, 2).reshape(batch * seqlen, heads, head_dim)[indices].requires_grad_()
                       for t in (q, k, v)]  # (total, H, D)
             packed_sets.append((*packed, cu_seqlens, max(lengths), dropout_p))
+            qkv_sets.append((_packed_qkv((len(indices),), heads, head_dim, bench.device, dtype), cu_seqlens,
+                             max(lengths), dropout_p))
         rows += _time_passes(bench, "electra_triton-varlen", attention_varlen, packed_sets, case_p, dtype, flops,
                              B=batch, L=seqlen)
+        rows += _time_passes(bench, "electra_triton-varlen-qkvpacked", attention_varlen_qkvpacked, qkv_sets, case_p,
+                             dtype, flops, B=batch, L=seqlen)
         for impl, fn in impls(True).items():
             rows += _time_passes(bench, impl, fn, padded_sets, case_p, dtype, flops, B=batch, L=seqlen)
     return rows

@@ -3,10 +3,11 @@
     python -m benchmarks.layer_norm        # on a GPU: 16384 rows, ELECTRA hidden sizes, bf16 and fp16
 
 Cases: the blocks' post-attention and post-FFN norm (residual, dropout 0.1: training) and the embeddings' norm (no
-residual). Bytes moved are the fused minimum, the same for every impl so that GB/s compare: forward reads x (and the
-residual) and writes y; the backward reads dy, x (and the residual: the mask and the sum are recomputed) and writes
-dx (and d_residual). Target (issue 4, H100 bf16): forward+backward at >= 80 % of the measured copy bandwidth, >= 2x
-eager.
+residual); for 16-bit dtypes also the residual stream under autocast ("fp32 params": 16-bit x and residual, fp32
+weight and bias; eager then normalises in fp32 and returns fp32, as transformers' LayerNorm does under autocast).
+Bytes moved are the fused minimum, the same for every impl so that GB/s compare: forward reads x (and the residual)
+and writes y; the backward reads dy, x (and the residual: the mask and the sum are recomputed) and writes dx (and
+d_residual). Target (issue 4, H100 bf16): forward+backward at >= 80 % of the measured copy bandwidth, >= 2x eager.
 """
 
 import torch
@@ -21,21 +22,24 @@ EPS = 1e-12
 
 def eager(x, residual, weight, bias, dropout_p):
     h = F.dropout(x, dropout_p)
-    return F.layer_norm(h if residual is None else h + residual, x.shape[-1:], weight, bias, EPS)
+    h = h if residual is None else h + residual
+    return F.layer_norm(h if h.dtype == weight.dtype else h.float(), x.shape[-1:], weight, bias, EPS)
 
 
 def ours(x, residual, weight, bias, dropout_p):
     return dropout_add_layer_norm(x, residual, weight, bias, EPS, dropout_p)
 
 
-def make_inputs(bench: Bench, n_rows: int, hidden: int, residual: bool, dtype: torch.dtype) -> tuple:
-    def tensor(*shape, fill=None):
+def make_inputs(bench: Bench, n_rows: int, hidden: int, residual: bool, dtype: torch.dtype,
+                param_dtype: torch.dtype) -> tuple:
+    def tensor(*shape, fill=None, dtype=dtype):
         if fill is None:
             return torch.randn(*shape, device=bench.device, dtype=dtype, requires_grad=True)
         return torch.full(shape, fill, device=bench.device, dtype=dtype, requires_grad=True)
 
     x = tensor(n_rows, hidden)
-    return x, tensor(n_rows, hidden) if residual else None, tensor(hidden, fill=1.0), tensor(hidden, fill=0.0)
+    return (x, tensor(n_rows, hidden) if residual else None, tensor(hidden, fill=1.0, dtype=param_dtype),
+            tensor(hidden, fill=0.0, dtype=param_dtype))
 
 
 def run(bench: Bench) -> list[dict]:
@@ -44,13 +48,17 @@ def run(bench: Bench) -> list[dict]:
     if bench.device.type == "cuda":
         impls.append(("torch.compile", torch.compile(eager, dynamic=False)))
     rows = []
-    for hidden, residual, dtype in [(n, r, d) for n in sizes for r in (True, False) for d in bench.dtypes]:
+    cases = [(n, r, d, d) for n in sizes for r in (True, False) for d in bench.dtypes]
+    cases += [(n, True, d, torch.float32) for n in sizes for d in bench.dtypes if d != torch.float32]
+    for hidden, residual, dtype, param_dtype in cases:
         dropout_p = 0.1
-        inputs = [(*make_inputs(bench, n_rows, hidden, residual, dtype), dropout_p) for _ in range(bench.rotations)]
+        inputs = [(*make_inputs(bench, n_rows, hidden, residual, dtype, param_dtype), dropout_p)
+                  for _ in range(bench.rotations)]
         tensor_bytes = n_rows * hidden * inputs[0][0].element_size()
         n_in = 2 if residual else 1
         fwd_bytes = (n_in + 1) * tensor_bytes
-        case = f"rows={n_rows} N={hidden} {'residual' if residual else 'embeddings'} p={dropout_p}"
+        params = " fp32 params" if param_dtype != dtype else ""
+        case = f"rows={n_rows} N={hidden} {'residual' if residual else 'embeddings'}{params} p={dropout_p}"
         for impl, fn in impls:
             with torch.no_grad():
                 timing = bench.time_ms(fn, inputs)

@@ -3,12 +3,19 @@
     python -m benchmarks.pretrain --out DIR                                  # GPU: small, base, large x 128, 512
     python -m benchmarks.pretrain --out DIR --presets base --seq-lens 512    # the headline case only
     python -m benchmarks.pretrain --out DIR --toy                            # CPU smoke test (implied without CUDA)
+    python -m benchmarks.pretrain --out DIR --synthetic                      # random full rows, not the pipeline
 
-The pre-training step is the project's own (electra_triton.pretrain.model.ElectraPretrainer): HF ElectraForMaskedLM
-generator + ElectraForPreTraining discriminator with shared embeddings, 15 % masking into a fixed number of slots, the
-generator's LM head on the masked slots only, Gumbel-max sampling in fp32, loss = mlm + 50 * rtd, then backward,
-gradient clipping at 1.0 and a fused AdamW step (no decay on biases/LayerNorm), under bf16 autocast with fp32 master
-weights. Every backend runs the same weights (same seed), the same batches (rotated) and the same batch size:
+The pre-training step is the production one: `electra_triton.pretrain.step.TrainStep`, the function `electra-triton
+pretrain` runs per optimizer step, built as that command builds it for the preset (AdamW without decay on biases and
+LayerNorm, fused on CUDA, foreach elsewhere; the preset's learning-rate schedule; gradient clipping at 1.0 on the
+device; metrics summed on the device, never read while timing; bf16 autocast with fp32 master weights on CUDA). The
+model is the project's ElectraPretrainer: HF ElectraForMaskedLM generator + ElectraForPreTraining discriminator with
+shared embeddings, 15 % masking into a fixed number of slots, the generator's LM head on the masked slots only,
+Gumbel-max sampling, loss = mlm + 50 * rtd. Batches come from the command's data pipeline (ExampleStream and Batcher:
+one example per row with its padding, or `--packing on` as the command packs them, with unpad plans for an encoder
+that takes them) on `--corpus` (default: the built-in stdlib corpus), drawn before timing; `--synthetic` replaces
+them with full rows of random tokens. Every result says which (`data`) and its `fill` (real tokens / slots). Every
+backend runs the same weights (same seed), the same batches (rotated) and the same batch size:
 
     hf-eager                 transformers with attn_implementation="eager"
     hf-sdpa                  transformers with attn_implementation="sdpa"
@@ -38,7 +45,6 @@ suite goes on. DIR/pretrain.json is rewritten after every run, so a run stopped 
 """
 
 import argparse
-import contextlib
 import gc
 import json
 import pathlib
@@ -56,13 +62,17 @@ import electra_triton
 from electra_triton.ops import get_kernel_mode, set_kernel_mode
 from electra_triton.ops._dispatch import KERNEL_MODES
 from electra_triton.presets import PRESETS
+from electra_triton.pretrain.config import BUILTIN_CORPUS, PretrainConfig
+from electra_triton.pretrain.data import ExampleStream, load_tokenizer, resolve_corpus, special_ids, train_tokenizer
 from electra_triton.pretrain.model import (
     ElectraPretrainer,
+    accepts_unpad_plan,
     flops_per_token,
-    parameter_groups,
     peak_flops,
     share_embeddings,
 )
+from electra_triton.pretrain.packing import Batcher
+from electra_triton.pretrain.step import TrainStep, autocast_for, build_optimizer, build_scheduler, to_device
 
 from . import plots
 from .common import Bench, environment, markdown_table, write_json
@@ -92,8 +102,63 @@ def _config(fields: dict[str, Any], attn_implementation: str) -> ElectraConfig:
 # ----------------------------------------------------------------------------------------------------------- batches
 
 
-def pretrain_batches(vocab_size: int, batch_size: int, seq_len: int, count: int, seed: int) -> list[dict]:
-    """Full packed sequences ([CLS] words [SEP], no padding) as the pre-training data pipeline emits them (CPU)."""
+class PretrainData:
+    """Where the pre-training batches come from: the production pipeline (a corpus, its tokenizer, the command's
+    Batcher with or without packing), or synthetic full rows (`--synthetic`, labelled so in the results)."""
+
+    def __init__(self, sources: list[tuple[str, str]] | None = None, tokenizer=None, packing: bool = False):
+        self.sources, self.tokenizer, self.packing = sources, tokenizer, packing
+
+    @property
+    def synthetic(self) -> bool:
+        return self.tokenizer is None
+
+    @property
+    def label(self) -> str:
+        return "synthetic" if self.synthetic else "pipeline, packed" if self.packing else "pipeline"
+
+    def special_ids(self) -> tuple[list[int], int]:
+        """(special token ids, [MASK] id) of the batches' vocabulary."""
+        if self.synthetic:
+            return [PAD, CLS, SEP, MASK], MASK
+        return special_ids(self.tokenizer), self.tokenizer.mask_token_id
+
+    def batches(self, vocab_size: int, batch_size: int, seq_len: int, count: int, seed: int, plan: bool = False
+                ) -> list[dict]:
+        """plan: packed batches carry an `unpad_plan` (for encoders that take one, as the command gives them)."""
+        if self.synthetic:
+            return synthetic_pretrain_batches(vocab_size, batch_size, seq_len, count, seed)
+        return pipeline_batches(self.sources, self.tokenizer, batch_size, seq_len, count, seed, self.packing, plan)
+
+
+def prepare_data(corpus: list[str] | None, tokenizer: str | None, tokenizer_docs: int, vocab_size: int,
+                 packing: bool = False) -> PretrainData:
+    """The production pipeline's inputs: None corpus means synthetic batches. Without a tokenizer folder one is trained
+    on the corpus, as `electra-triton pretrain` does (its vocabulary may come out smaller than the model's; ids stay
+    in range and the padding is the pipeline's)."""
+    if corpus is None:
+        return PretrainData()
+    sources = resolve_corpus(corpus)
+    if tokenizer:
+        return PretrainData(sources, load_tokenizer(tokenizer), packing)
+    return PretrainData(sources, train_tokenizer(sources, vocab_size, tokenizer_docs, model_max_length=512), packing)
+
+
+def pipeline_batches(sources: list[tuple[str, str]], tokenizer, batch_size: int, seq_len: int, count: int,
+                     seed: int, packing: bool = False, plan: bool = False) -> list[dict]:
+    """Batches as `electra-triton pretrain` feeds them: its ExampleStream and Batcher (packing, padding, shuffle
+    buffer, unpad plans), drawn ahead so that the timed steps do not wait for tokenization."""
+    recipe = PretrainConfig()
+    stream = ExampleStream(sources, tokenizer, seq_len, seed, rank=0, world_size=1,
+                           shuffle_buffer=recipe.shuffle_buffer)
+    batcher = Batcher(stream, seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id, packing,
+                      recipe.mask_prob, plan=plan)
+    return [batcher.next_batch(batch_size) for _ in range(count)]
+
+
+def synthetic_pretrain_batches(vocab_size: int, batch_size: int, seq_len: int, count: int, seed: int
+                               ) -> list[dict]:
+    """`--synthetic`: full rows ([CLS] random words [SEP], no padding)."""
     gen = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(count):
@@ -135,54 +200,51 @@ def finetune_flops(config: ElectraConfig, lengths: list[int]) -> float:
 # ------------------------------------------------------------------------------------------------------------ models
 
 
-def build_pretrainer(preset: str, attn_implementation: str, seq_len: int) -> ElectraPretrainer:
+def build_pretrainer(preset: str, attn_implementation: str, seq_len: int, specials: list[int] | None = None,
+                     mask_id: int = MASK, packing: bool = False) -> ElectraPretrainer:
+    """The pre-trainer `electra-triton pretrain` builds for `preset` (the preset's vocabulary size, the recipe's
+    defaults), with the given attention implementation."""
     fields = PRESETS[preset]
     discriminator = ElectraForPreTraining(_config({**fields["discriminator"], "pad_token_id": PAD},
                                                   attn_implementation))
     generator = ElectraForMaskedLM(_config({**fields["generator"], "pad_token_id": PAD}, attn_implementation))
     share_embeddings(generator, discriminator)
-    return ElectraPretrainer(generator, discriminator, special_ids=[PAD, CLS, SEP, MASK], mask_id=MASK,
-                             max_seq_len=seq_len)
+    recipe = PretrainConfig(preset=preset)
+    return ElectraPretrainer(generator, discriminator, specials or [PAD, CLS, SEP, MASK], mask_id, recipe.mask_prob,
+                             recipe.mask_token_prob, recipe.random_token_prob, recipe.rtd_weight, recipe.temperature,
+                             max_seq_len=seq_len, packing=packing)
 
 
-def _optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(parameter_groups(model, 0.01), lr=2e-4, betas=(0.9, 0.999), eps=1e-6,
-                             fused=device.type == "cuda")
+def production_step(model: torch.nn.Module, forward_module: torch.nn.Module, preset: str, device: torch.device,
+                    metric_keys: tuple[str, ...] | None = None) -> TrainStep:
+    """The step `electra-triton pretrain` runs, with the preset's optimizer, schedule, clipping and autocast.
 
-
-def make_step(model: torch.nn.Module, forward: Callable[[dict], torch.Tensor], device: torch.device,
-              autocast: bool) -> Callable[[dict], None]:
-    """One training step: forward under autocast, backward, clip at 1.0, AdamW, zero grads."""
-    optimizer = _optimizer(model, device)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-
-    def step(batch: dict) -> None:
-        context = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-        with context:
-            loss = forward(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    forward_module: what the step calls (the model or its torch.compile wrapper); the optimizer holds model's
+    parameters."""
+    cfg = PretrainConfig(preset=preset, output_dir="unused").resolved()
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps,
+                                device)
+    scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps)
+    extra = {} if metric_keys is None else {"metric_keys": metric_keys}
+    return TrainStep(forward_module, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
+                     autocast=autocast_for(device, cfg.precision), parameters=model.parameters(), **extra)
 
 
 # ------------------------------------------------------------------------------------------------------------ timing
 
 
-def time_steps(step: Callable[[dict], None], batches: list[dict], warmup: int, steps: int, device: torch.device
-               ) -> tuple[dict[str, float], float | None]:
+def time_steps(step: Callable[[list[dict]], None], batches: list[dict], warmup: int, steps: int,
+               device: torch.device) -> tuple[dict[str, float], float | None]:
     """Step times in ms (median, p20, p80, min, max) over `steps` steps after `warmup` ones, and peak memory in GiB."""
     for i in range(warmup):
-        step(batches[i % len(batches)])
+        step([batches[i % len(batches)]])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
         for i, (start, end) in enumerate(events):
             start.record()
-            step(batches[i % len(batches)])
+            step([batches[i % len(batches)]])
             end.record()
         torch.cuda.synchronize(device)
         times = [start.elapsed_time(end) for start, end in events]
@@ -191,7 +253,7 @@ def time_steps(step: Callable[[dict], None], batches: list[dict], warmup: int, s
         times = []
         for i in range(steps):
             begin = time.perf_counter()
-            step(batches[i % len(batches)])
+            step([batches[i % len(batches)]])
             times.append((time.perf_counter() - begin) * 1e3)
         peak = None
     times.sort()
@@ -213,7 +275,7 @@ def _record(task: str, preset: str, seq_len: int, batch_size: int, backend: str)
     return {"task": task, "preset": preset, "seq_len": seq_len, "batch_size": batch_size, "backend": backend,
             "status": None, "reason": None, "tokens_per_s": None, "step_ms": None, "step_ms_p20": None,
             "step_ms_p80": None, "step_ms_min": None, "step_ms_max": None, "mfu": None, "mfu_datasheet": None,
-            "peak_mem_gb": None, "flops_per_step": None, "tokens_per_step": None}
+            "peak_mem_gb": None, "flops_per_step": None, "tokens_per_step": None, "data": None, "fill": None}
 
 
 def run_one(task: str, preset: str, seq_len: int, batch_size: int, backend: str, settings: dict) -> dict[str, Any]:
@@ -226,33 +288,38 @@ def run_one(task: str, preset: str, seq_len: int, batch_size: int, backend: str,
     torch.manual_seed(settings["seed"])  # identical initial weights for every backend
     try:
         if task == "pretrain":
-            model: torch.nn.Module = build_pretrainer(preset, attn, seq_len)
+            data: PretrainData = settings["data"]
+            model: torch.nn.Module = build_pretrainer(preset, attn, seq_len, *data.special_ids(), packing=data.packing)
+            if patch:  # before drawing batches: whether they carry an unpad plan depends on the patched encoder
+                for module in (model.generator, model.discriminator):
+                    electra_triton.patch(module)
+            plan = patch and accepts_unpad_plan(model.generator)
+            if data.packing and patch and not plan:
+                return {**record, "status": "skipped", "reason": "packed rows need an encoder that takes unpad_plan "
+                        "(as `electra-triton pretrain --packing on` requires); this patch has none"}
             vocab = model.generator.config.vocab_size
-            batches = pretrain_batches(vocab, batch_size, seq_len, settings["rotations"], settings["seed"])
+            batches = data.batches(vocab, batch_size, seq_len, settings["rotations"], settings["seed"], plan)
+            record["data"] = data.label
             tokens = batch_size * seq_len
             flops = flops_per_token(model.discriminator.config, model.generator.config, seq_len, model.mask_prob)
             flops *= tokens
-            submodules = (model.generator, model.discriminator)
+            record["fill"] = statistics.mean(float(b["attention_mask"].float().mean()) for b in batches)
         else:
             config = _config({**PRESETS[preset]["discriminator"], "pad_token_id": PAD, "num_labels": 2}, attn)
             model = ElectraForSequenceClassification(config)
             batches = finetune_batches(config.vocab_size, batch_size, settings["min_len"], seq_len,
                                        settings["rotations"], settings["seed"])
+            record["data"] = "synthetic"  # the shape of a padding collator's batches, not a corpus
             lengths = [b["attention_mask"].sum(1).tolist() for b in batches]
             tokens = statistics.mean(sum(x) for x in lengths)
             flops = statistics.mean(finetune_flops(config, x) for x in lengths)
-            submodules = (model,)
-        if patch:
-            for module in submodules:
-                electra_triton.patch(module)
+            if patch:
+                electra_triton.patch(model)
         model.to(device).train()
         forward_module = torch.compile(model, backend=settings["compile_backend"]) if compile_ else model
-        if task == "pretrain":
-            forward = lambda batch: forward_module(**batch)["loss"]
-        else:
-            forward = lambda batch: forward_module(**batch).loss
-        batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-        step = make_step(model, forward, device, settings["autocast"])
+        batches = [to_device(b, device) for b in batches]  # the copy to the device is not what is timed
+        step = production_step(model, forward_module, preset, device,
+                               None if task == "pretrain" else ("loss",))
         timing, peak = time_steps(step, batches, settings["warmup"], settings["steps"], device)
     except torch.cuda.OutOfMemoryError as error:
         record.update(status="oom", reason=str(error).split("\n")[0][:500])
@@ -363,6 +430,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, help="warm-up steps, compilation included (default 5; toy 1)")
     parser.add_argument("--steps", type=int, help="timed steps (default 20; toy 2)")
     parser.add_argument("--rotations", type=int, default=3, help="distinct batches used in turn")
+    parser.add_argument("--corpus", nargs="+", default=[BUILTIN_CORPUS],
+                        help="pre-training batches from `electra-triton pretrain`'s data pipeline on this corpus "
+                        "(default: the built-in stdlib corpus)")
+    parser.add_argument("--tokenizer", help="tokenizer folder for the pipeline (default: train one on the corpus)")
+    parser.add_argument("--tokenizer-docs", type=int, default=2000,
+                        help="documents read to train that tokenizer (default 2000)")
+    parser.add_argument("--packing", choices=("off", "on"), default="off",
+                        help="the pipeline packs several examples per row, as `electra-triton pretrain --packing on` "
+                        "(default off: one example per row, padded, the same batches for every backend)")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="synthetic full rows instead of the data pipeline (labelled data=synthetic in results)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-s", type=float, help="stop starting runs after this many seconds (rest: skipped)")
     parser.add_argument("--kernels", choices=KERNEL_MODES,
@@ -403,8 +481,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, device: torch.device, toy: bool) -> int:
     bench = Bench(device, toy=toy)
     autocast = device.type == "cuda"
+    vocab_size = max(PRESETS[preset]["discriminator"]["vocab_size"] for preset in args.presets) if args.presets else 0
+    data = prepare_data(None if args.synthetic or not args.presets else args.corpus, args.tokenizer,
+                        args.tokenizer_docs, vocab_size, args.packing == "on")
     settings = {"device": device, "seed": args.seed, "rotations": args.rotations, "warmup": args.warmup,
-                "steps": args.steps, "autocast": autocast, "matmul_tflops": bench.ceilings["matmul_tflops"],
+                "steps": args.steps, "matmul_tflops": bench.ceilings["matmul_tflops"], "data": data,
                 "min_len": min(32, args.finetune_max_len),
                 # Inductor's C++ build on a 2-core CI machine takes minutes: toy CPU runs trace with dynamo only.
                 "compile_backend": "inductor" if device.type == "cuda" else "eager"}
@@ -416,7 +497,9 @@ def _run(args: argparse.Namespace, device: torch.device, toy: bool) -> int:
                "settings": {"precision": "bf16 autocast, fp32 weights" if autocast else "fp32", "warmup": args.warmup,
                             "steps": args.steps, "rotations": args.rotations, "seed": args.seed,
                             "compile_backend": settings["compile_backend"], "finetune_min_len": settings["min_len"],
-                            "optimizer": "AdamW (fused on CUDA), clip 1.0", "kernels": args.kernels},
+                            "optimizer": "the production step (electra_triton.pretrain.step): AdamW fused on CUDA, "
+                            "foreach elsewhere, clip 1.0, the preset's LR schedule", "kernels": args.kernels,
+                            "pretrain_data": data.label},
                "runs": previous}
     print(f"[pretrain] {device} toy={toy} ceilings: {bench.ceilings}", flush=True)
     start = time.perf_counter()

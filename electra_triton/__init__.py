@@ -26,5 +26,4 @@ def _map_source_tree_kernels() -> None:
 
 _map_source_tree_kernels()
 
-from . import attention_backend  # noqa: E402, F401  (registers attn_implementation="electra_triton")
-from .patching import apply_to_transformers, patch, revert_transformers, unpatch  # noqa: E402, F401
+from .integration import apply_to_transformers, fused_modules, patch, revert_transformers, unpatch  # noqa: E402, F401

@@ -18,23 +18,29 @@ pair instead of 5, but it is deterministic, needs no fp32 dQ buffer (zeroing + a
 contention on short sequences (L = 128 gives one or two key blocks, so atomics would serialise on the same dQ rows).
 Not measured against the atomic variant yet (no GPU at hand when written, 2026-11-22).
 
-Dropout: counter-based Philox (`tl.philox`) keyed by the host-drawn seed; counters are (row * max_seqlen + column / 4,
-batch * H + head, offset, 0), each giving the draws of 4 adjacent keys, so forward and backward regenerate the
-identical keep-mask from position alone, and the forward can write that mask for tests (WRITE_KEEP, debug only:
-(B, H, max_seqlen, max_seqlen) int8). An element is kept when its 31-bit Philox draw is >= p * 2^31; kept
-probabilities are scaled by 1 / (1 - p).
+Dropout: counter-based Philox (`tl.philox`) keyed by the host-drawn seed, with 8-bit draws as FlashAttention-2: one
+call returns four 32-bit words = 16 bytes, one byte per key of 16 adjacent keys. Counters are (row * max_seqlen +
+column / 16, batch * H + head, offset, 0), so forward, dK/dV and dQ regenerate the identical keep-mask from position
+alone, whatever their tile shapes, and the forward can write that mask for tests (WRITE_KEEP, debug only:
+(B, H, max_seqlen, max_seqlen) int8). An element is kept when its byte is >= t = min(round(p * 256), 255), i.e. with
+probability exactly 1 - t / 256, and kept probabilities are scaled by 1 / (1 - t / 256): the expectation is exact for
+the quantised probability p' = t / 256 (p is rounded to a multiple of 1/256, at most 1/512 away; p < 1/512 drops
+nothing). This costs a sixteenth of the Philox calls of one 32-bit draw per element, and its state lives on a
+(BLOCK_M, BLOCK_N / 16) tile.
 
 Varlen (VARLEN=True) is the same kernels: the batch offset comes from cu_seqlens instead of a batch stride, and
 programs past a sequence's end exit at once.
 
 Supports head dims 32, 64 and 128 (HEAD_DIM is the tile width, not masked), any L up to MAX_SEQLEN (edge tiles
-masked; the dropout counter row * L + column / 4 is int32), fp32, fp16 and bf16 with fp32 accumulation always.
+masked; the dropout counter row * L + column / 16 is int32), fp32, fp16 and bf16 with fp32 accumulation always.
 fp32 uses IEEE fp32 for tl.dot, not tf32: fp32 results match a float64 reference to ~1e-6 relative (tf32 would give
 ~1e-3) at the price of running on CUDA cores; fp16/bf16 use tensor cores (HGMMA on sm_90a, HMMA on sm_80). Any
 strides (a unit stride along D is what vectorises the loads). Launch configs are a deterministic function of (head
 dim, L, dtype, arch) -- no autotuning -- so the compile check compiles exactly what runs. Not supported: causal
 masks, arbitrary (L x L) masks or biases, q and k of different lengths, different head dims for q/k and v.
 """
+
+import dataclasses
 
 import torch
 import triton
@@ -53,20 +59,21 @@ _RUNTIME_SCALARS = ["seed", "philox_offset", "drop_threshold", "n_heads", "max_s
 @triton.jit
 def _dropout_keep(seed, philox_offset, bh, start_m, start_n, max_seqlen, drop_threshold,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) keep-mask of queries start_m.. x keys start_n.. of head `bh` (start_n a multiple of 4).
+    """(BLOCK_M, BLOCK_N) keep-mask of queries start_m.. x keys start_n.. of head `bh` (start_n a multiple of 16).
 
-    One Philox call yields four 32-bit draws: each counter covers four adjacent keys, so the generator's state lives
-    on a quarter tile (a full-tile state cost ~100 registers per thread and made the dK/dV pass spill).
+    One Philox call per 16 keys: each of its four 32-bit words gives four of the group's keys a byte each (a fixed
+    assignment, the same in every kernel). The generator's state lives on a sixteenth of the tile, which keeps the
+    backward passes' registers down.
     """
     rows = start_m + tl.arange(0, BLOCK_M)
-    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
-    counter = rows[:, None] * max_seqlen + groups[None, :]  # (BLOCK_M, BLOCK_N // 4)
+    groups = start_n // 16 + tl.arange(0, BLOCK_N // 16)
+    counter = rows[:, None] * max_seqlen + groups[None, :]  # (BLOCK_M, BLOCK_N // 16)
     zero = counter * 0
     r0, r1, r2, r3 = tl.philox(seed, counter, zero + bh, zero + philox_offset, zero)
-    draws = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))
-    draws = draws.to(tl.int32, bitcast=True)
-    draws = tl.where(draws < 0, ~draws, draws)  # 31 uniform bits, as tl.rand does
-    return draws >= drop_threshold
+    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N // 16, 4))
+    shifts = 8 * tl.arange(0, 4)
+    draws = (words[:, :, :, None] >> shifts[None, None, None, :]) & 0xFF  # (BLOCK_M, BLOCK_N // 16, 4, 4)
+    return tl.reshape(draws, (BLOCK_M, BLOCK_N)).to(tl.int32) >= drop_threshold
 
 
 @triton.jit
@@ -369,9 +376,14 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return 0, t.stride(1), t.stride(0), t.stride(2)
 
 
+def dropout_threshold(dropout_p: float) -> int:
+    """The byte threshold t of the 8-bit keep rule: keep when the draw (0..255) is >= t; drop probability t / 256."""
+    return min(round(dropout_p * 256), 255)
+
+
 def _dropout_args(dropout_p: float, seed: int, offset: int) -> tuple[int, int, int, float]:
-    threshold = min(int(dropout_p * 2**31), 2**31 - 1)
-    return seed, offset, threshold, 1.0 / (1.0 - dropout_p)
+    threshold = dropout_threshold(dropout_p)
+    return seed, offset, threshold, 1.0 / (1.0 - threshold / 256)
 
 
 def _geometry(q: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int) -> tuple[int, int, int]:
@@ -393,15 +405,17 @@ def _dummies(q: torch.Tensor, mask, cu_seqlens):
 def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
     max_seqlen: int, scale: float, dropout_p: float, seed: int, offset: int, write_keep: bool,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v (B, H, L, D) or packed (total, H, D) with cu_seqlens; mask (B, L) int8 or None (padded only).
 
-    Returns (out like q, lse (B, H, max_seqlen) fp32, keep (B, H, max_seqlen, max_seqlen) int8 0/1 or empty).
+    Writes the output into `out` (q's shape, any strides) when given, else into a new tensor laid out like q.
+    Returns (out, lse (B, H, max_seqlen) fp32, keep (B, H, max_seqlen, max_seqlen) int8 0/1 or empty).
     """
     batch, n_heads, seqlen = _geometry(q, cu_seqlens, max_seqlen)
     head_dim = q.shape[-1]
     config = launch_configs(head_dim, seqlen, q.dtype, device_arch(q.device))["fwd"]
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     lse = torch.empty((batch, n_heads, seqlen), device=q.device, dtype=torch.float32)
     use_dropout = dropout_p > 0.0
     keep = torch.zeros((batch, n_heads, seqlen, seqlen) if write_keep and use_dropout else (0,), device=q.device,
@@ -425,13 +439,17 @@ def attention_forward(
 def attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, max_seqlen: int, scale: float, dropout_p: float,
-    seed: int, offset: int,
+    seed: int, offset: int, grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of attention_forward's output -> (dq, dk, dv), each laid out like its input when that is dense."""
+    """Gradients of attention_forward's output -> (dq, dk, dv).
+
+    Written into `grads` (three tensors of q's shape, any strides, e.g. slices of one packed gradient) when given,
+    else into new tensors, each laid out like its input when that is dense.
+    """
     batch, n_heads, seqlen = _geometry(q, cu_seqlens, max_seqlen)
     head_dim = q.shape[-1]
     configs = launch_configs(head_dim, seqlen, q.dtype, device_arch(q.device))
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)) if grads is None else grads
     delta = torch.empty_like(lse)
     mask_t, cu_t, mask_strides, _ = _dummies(q, mask, cu_seqlens)
     if batch * n_heads * seqlen == 0:
@@ -469,31 +487,43 @@ def attention_backward(
 def compile_targets(models: list[dict], arch: str) -> list[CompileTarget]:
     """Every kernel configuration launched for the presets' head dims (plus D = 32 of the tiny preset) at L in
     {128, 512} (and L <= 64, whose forward tiles differ, for short fine-tuning batches), fp32/fp16/bf16, with and
-    without key-padding mask and dropout, padded and varlen, as launched on `arch` ("sm_90a" or "sm_80"). q/k/v in
-    HF's layout: (B, H, L, D) views of a contiguous
-    (B, L, H, D). The debug keep-mask variant (WRITE_KEEP) is for tests only and not listed.
+    without key-padding mask and dropout, padded and varlen, as launched on `arch` ("sm_90a" or "sm_80"), for both
+    layouts the ops pass: HF's (B, H, L, D) views of a contiguous (B, L, H, D), and the qkv-packed ops' views of one
+    (B, L, 3, H, D) / (T, 3, H, D) tensor (token stride 3 * H * D, output (B, L, H, D)). Targets that compile to the
+    same specialisation are listed once. The debug keep-mask variant (WRITE_KEEP) is for tests only and not listed.
     """
     head_dims = {m["hidden_size"] // m["num_attention_heads"] for m in models} | {32}  # 32: the tiny preset
     variants = [(False, False, False), (False, False, True), (False, True, False), (False, True, True),
                 (True, False, False), (True, False, True)]  # (varlen, mask, dropout)
-    targets, seen = [], set()
-    batch, n_heads, not_specialized = 32, 12, 12345  # values of the do_not_specialize ints are irrelevant
+    targets: dict[tuple, CompileTarget] = {}
     for head_dim in sorted(head_dims):
         for seqlen in (128, 512, 64):
             for dtype, pointer in TRITON_POINTER_TYPES.items():
-                for config_arch in (arch.removesuffix("a"),):
-                    configs = launch_configs(head_dim, seqlen, dtype, config_arch)
-                    for varlen, has_mask, dropout in variants:
-                        targets += _targets_for(configs, head_dim, seqlen, dtype, pointer, config_arch, varlen,
-                                                has_mask, dropout, batch, n_heads, not_specialized, seen)
-    return targets
+                configs = launch_configs(head_dim, seqlen, dtype, arch.removesuffix("a"))
+                for varlen, has_mask, dropout in variants:
+                    for qkv_packed in (False, True):
+                        for target in _targets_for(configs, head_dim, seqlen, dtype, pointer, arch, varlen, has_mask,
+                                                   dropout, qkv_packed):
+                            key = (target.kernel.__name__, tuple(target.signature.items()),
+                                   tuple(sorted(target.constexprs.items())), target.aligned, target.num_warps,
+                                   target.num_stages)
+                            if key not in targets:
+                                targets[key] = target
+                            elif qkv_packed and "qkv-packed" not in targets[key].label:
+                                # Same binary (every token stride is a multiple of 16): say that it covers both.
+                                targets[key] = dataclasses.replace(targets[key],
+                                                                   label=targets[key].label + " +qkv-packed")
+    return list(targets.values())
 
 
-def _targets_for(configs, head_dim, seqlen, dtype, pointer, arch, varlen, has_mask, dropout, batch, n_heads,
-                 not_specialized, seen) -> list[CompileTarget]:
-    token_stride = n_heads * head_dim
+def _targets_for(configs, head_dim, seqlen, dtype, pointer, arch, varlen, has_mask, dropout,
+                 qkv_packed) -> list[CompileTarget]:
+    n_heads, not_specialized = 12, 12345  # values of the do_not_specialize ints are irrelevant
+    output_token_stride = n_heads * head_dim
+    input_token_stride = 3 * output_token_stride if qkv_packed else output_token_stride
     strides = {}
     for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv"):
+        token_stride = input_token_stride if t in ("q", "k", "v", "dq", "dk", "dv") else output_token_stride
         strides.update({f"stride_{t}b": 0 if varlen else seqlen * token_stride, f"stride_{t}h": head_dim,
                         f"stride_{t}l": token_stride, f"stride_{t}d": 1})
     ints = {
@@ -508,7 +538,7 @@ def _targets_for(configs, head_dim, seqlen, dtype, pointer, arch, varlen, has_ma
     scalars = {"sm_scale": "fp32", "keep_scale": "fp32"}
     flags = {"VARLEN": varlen, "HAS_MASK": has_mask, "DROPOUT": dropout, "DOT_PRECISION": _dot_precision(dtype)}
     label = (f"D={head_dim} L={seqlen} {pointer[1:]} {arch} cfg mask={has_mask} dropout={dropout} "
-             f"varlen={varlen}")
+             f"varlen={varlen}{' qkv-packed' if qkv_packed else ''}")
     tensor_cores = dtype != torch.float32
     kernels = [
         (_attn_fwd_kernel, configs["fwd"], {**flags, "WRITE_KEEP": False}, tensor_cores),
@@ -521,10 +551,6 @@ def _targets_for(configs, head_dim, seqlen, dtype, pointer, arch, varlen, has_ma
     for fn, config, constexprs, multiplies in kernels:
         blocks = {name: config[name] for name in ("BLOCK_M", "BLOCK_N") if name in fn.arg_names}
         constexprs = {"HEAD_DIM": head_dim, **blocks, **{k: v for k, v in constexprs.items() if k in fn.arg_names}}
-        key = (fn.__name__, pointer, tuple(sorted(constexprs.items())), config["num_warps"], config["num_stages"])
-        if key in seen:  # identical compilation (L, arch or the mask flag did not change it)
-            continue
-        seen.add(key)
         used = {name: value for name, value in ints.items() if name in fn.arg_names}
         targets.append(specialized_target(
             fn, pointers={n: p for n, p in pointers.items() if n in fn.arg_names}, ints=used, constexprs=constexprs,

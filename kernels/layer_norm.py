@@ -1,7 +1,9 @@
 """Fused dropout + residual add + LayerNorm: y = LayerNorm(dropout(x) + residual) over the last dim, with its backward.
 
 Forward: one pass per block of rows (BLOCK_M rows x the whole hidden dim in registers): the dropout keep-mask comes
-from Philox (`tl.rand(seed, offset + row * N + col)`), kept elements are scaled by 1 / (1 - p), the residual is added,
+from Philox, all four 32-bit outputs of each call used (`tl.rand4x(seed, offset + row * N + col / 4)` for columns
+col..col+3: a quarter of the calls of one `tl.rand` per element), an element is kept when its uniform draw is >= p,
+kept elements are scaled by 1 / (1 - p), the residual is added,
 mean and variance are taken in fp32, and y, mean and rstd (fp32, per row) are written. Neither the mask nor the sum
 h = dropout(x) + residual is stored: the backward regenerates the mask from the same seed and recomputes h from x and
 the residual, which autograd keeps alive anyway (the same traffic as storing h, without its memory). A debug flag
@@ -14,7 +16,9 @@ its rows into fp32 partials, summed by the launcher in a fixed order (determinis
 Variants by constexpr: no residual (the embeddings' LayerNorm), no dropout, no weight and/or no bias
 (elementwise_affine=False). Any number of rows, any hidden size up to 16384 (one row block must fit in registers),
 rows of any stride with unit stride along the hidden dim (the op makes other layouts contiguous). fp32, fp16, bf16
-inputs, fp32 statistics; output in the input dtype.
+inputs, fp32 statistics; output, d_x and d_residual in the input dtype. Weight and bias may be fp32 while x and the
+residual are fp16/bf16 (a 16-bit residual stream with fp32 parameters, as under autocast): they are read as fp32
+either way, and d_weight / d_bias come back in their own dtype.
 """
 
 
@@ -31,13 +35,16 @@ MAX_HIDDEN = 16384
 @triton.jit
 def _h_and_keep(
     x_ptr, res_ptr, rows, cols, tile_ok, n_cols, stride_xm, stride_rm, dropout_p, seed, offset,
-    HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """h = dropout(x) + residual in fp32 for a (BLOCK_M, BLOCK_N) tile, and the keep-mask (forward and backward)."""
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     keep = tile_ok
     if HAS_DROPOUT:
-        keep = tl.rand(seed, offset + rows[:, None] * n_cols + cols[None, :]) >= dropout_p
+        groups = tl.arange(0, BLOCK_N // 4)  # cols is 0..BLOCK_N-1: columns 4g..4g+3 share one Philox call
+        u0, u1, u2, u3 = tl.rand4x(seed, offset + rows[:, None] * n_cols + groups[None, :])
+        uniform = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), (BLOCK_M, BLOCK_N))
+        keep = uniform >= dropout_p
         x = tl.where(keep, x / (1.0 - dropout_p), 0.0)
     if HAS_RESIDUAL:
         x += tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
@@ -58,7 +65,7 @@ def _dropout_add_ln_fwd_kernel(
     row_ok, col_ok = rows < n_rows, cols < n_cols
     tile_ok = row_ok[:, None] & col_ok[None, :]
     h, keep = _h_and_keep(x_ptr, res_ptr, rows, cols, tile_ok, n_cols, stride_xm, stride_rm, dropout_p, seed, offset,
-                          HAS_RESIDUAL, HAS_DROPOUT)  # (BLOCK_M, BLOCK_N) fp32, zero outside the tile
+                          HAS_RESIDUAL, HAS_DROPOUT, BLOCK_M, BLOCK_N)  # (BLOCK_M, BLOCK_N) fp32, zero outside the tile
 
     mean = tl.sum(h, axis=1) / n_cols
     centered = tl.where(tile_ok, h - mean[:, None], 0.0)
@@ -96,7 +103,7 @@ def _dropout_add_ln_bwd_kernel(
         row_ok = rows < last_row
         tile_ok = row_ok[:, None] & col_ok[None, :]
         h, keep = _h_and_keep(x_ptr, res_ptr, rows, cols, tile_ok, n_cols, stride_xm, stride_rm, dropout_p, seed,
-                              offset, HAS_RESIDUAL, HAS_DROPOUT)
+                              offset, HAS_RESIDUAL, HAS_DROPOUT, BLOCK_M, BLOCK_N)
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
         xhat = tl.where(tile_ok, (h - mean[:, None]) * rstd[:, None], 0.0)
@@ -129,7 +136,7 @@ def launch_config(n_cols: int, backward: bool) -> dict[str, int]:
     for a memory-bound kernel); the forward at 16 per thread put 8 bytes on the stack for fp16 without residual
     (2026-11-22, sm_90a, triton 3.9). Both checked by the compile check.
     """
-    block_n = triton.next_power_of_2(n_cols)
+    block_n = max(4, triton.next_power_of_2(n_cols))  # dropout takes four columns per Philox call
     block_m = max(1, 4096 // block_n)
     per_thread = 16 if backward else 32
     return {"BLOCK_N": block_n, "BLOCK_M": block_m,
@@ -164,9 +171,11 @@ def dropout_add_layer_norm_forward(
 
 def dropout_add_layer_norm_backward(
     grad_y: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
-    has_bias: bool, mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, seed: int, offset: int,
+    bias_dtype: torch.dtype | None, mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, seed: int, offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """grad_y (rows, N) with unit column stride -> (d_x, d_residual or None, d_weight or None, d_bias or None)."""
+    """grad_y (rows, N) with unit column stride -> (d_x, d_residual or None, d_weight or None, d_bias or None), d_x
+    and d_residual in x's dtype, d_weight in weight's, d_bias in `bias_dtype` (None: no bias)."""
+    has_bias = bias_dtype is not None
     n_rows, n_cols = x.shape
     config = launch_config(n_cols, backward=True)
     rows_per_program = triton.cdiv(max(n_rows, 1), programs_per_device(x.device))
@@ -186,13 +195,14 @@ def dropout_add_layer_norm_backward(
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
     dw = partials[0].sum(dim=0).to(weight.dtype) if weight is not None else None
-    db = partials[1].sum(dim=0).to(x.dtype) if has_bias else None
+    db = partials[1].sum(dim=0).to(bias_dtype) if has_bias else None
     return dx, dres, dw, db
 
 
 def compile_targets(models: list[dict], arch: str) -> list[CompileTarget]:
     """Every configuration launched for the presets' hidden and embedding sizes: with and without residual and
-    dropout (and the debug mask store), affine LayerNorm as ELECTRA's, for each dtype."""
+    dropout (and the debug mask store), affine LayerNorm as ELECTRA's, for each dtype, and for fp16/bf16 activations
+    with fp32 weight and bias (the residual stream under autocast)."""
     sizes = sorted({m["hidden_size"] for m in models} | {m["embedding_size"] for m in models})
     targets = []
     for n_cols in sizes:
@@ -203,17 +213,19 @@ def compile_targets(models: list[dict], arch: str) -> list[CompileTarget]:
         scalars = {"eps": "fp32", "dropout_p": "fp32"}
         fwd_launch, bwd_launch = ({"num_warps": c["num_warps"], "num_stages": c["num_stages"],
                                    "multiplies_matrices": False} for c in (fwd, bwd))
-        for pointer in TRITON_POINTER_TYPES.values():
+        layouts = [(p, p) for p in TRITON_POINTER_TYPES.values()] + [("*fp16", "*fp32"), ("*bf16", "*fp32")]
+        for pointer, param_pointer in layouts:  # (activations, weight and bias)
             pointers = {
-                **dict.fromkeys(["x_ptr", "res_ptr", "w_ptr", "b_ptr", "y_ptr", "dy_ptr", "dx_ptr", "dres_ptr"],
-                                pointer),
+                **dict.fromkeys(["x_ptr", "res_ptr", "y_ptr", "dy_ptr", "dx_ptr", "dres_ptr"], pointer),
+                **dict.fromkeys(["w_ptr", "b_ptr"], param_pointer),
                 **dict.fromkeys(["mean_ptr", "rstd_ptr", "partial_dw_ptr", "partial_db_ptr"], "*fp32"),
                 "mask_ptr": "*u8",
             }
+            params = "" if param_pointer == pointer else f" params={param_pointer[1:]}"
             for residual in (True, False):
                 for dropout in (False, True):
                     flags = {"HAS_RESIDUAL": residual, "HAS_DROPOUT": dropout, "HAS_WEIGHT": True, "HAS_BIAS": True}
-                    what = f"N={n_cols} {pointer[1:]} residual={residual} dropout={dropout}"
+                    what = f"N={n_cols} {pointer[1:]}{params} residual={residual} dropout={dropout}"
                     for store_mask in (False, True) if dropout else (False,):
                         targets.append(specialized_target(
                             _dropout_add_ln_fwd_kernel, pointers=pointers, ints=ints, scalars=scalars,

@@ -30,3 +30,14 @@ def device() -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _kernel_mode():
+    # A pre-training run in this process (`pretrain.run`) sets the ops' kernel mode for the whole process; later
+    # tests must start from the default again.
+    from electra_triton.ops import get_kernel_mode, set_kernel_mode
+
+    before = get_kernel_mode()
+    yield
+    set_kernel_mode(before)

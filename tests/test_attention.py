@@ -16,6 +16,7 @@ from electra_triton.ops import (
     attention_varlen_reference,
     attention_with_dropout_mask,
     pad_input,
+    quantized_attention_dropout_p,
     unpad_input,
 )
 
@@ -126,11 +127,32 @@ def test_dropout_matches_reference_with_the_kernels_mask(dtype, mask_kind, seqle
 def test_keep_rate(p):
     q, k, v = (torch.randn(2, 2, 48, 32, device=DEVICE) for _ in range(3))
     _, keep = attention_with_dropout_mask(q, k, v, dropout_p=p)
+    p = quantized_attention_dropout_p(p)
     n = keep.numel()
     rate = keep.float().mean().item()
     assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5, rate
     heads = keep.reshape(4, -1).float()
     assert not any(torch.equal(heads[i], heads[j]) for i in range(4) for j in range(i))  # independent streams
+    # Neighbouring keys take different bytes of one Philox call: kept together at the independent rate.
+    both = (keep[..., 1:] & keep[..., :-1]).float()
+    expected = (1 - p) ** 2
+    assert abs(both.mean().item() - expected) < 5 * (expected * (1 - expected) / both.numel()) ** 0.5
+    by_position = keep.reshape(-1, 3, 16).float().mean(dim=(0, 1))  # each byte position of a 16-key group
+    assert (by_position - (1 - p)).abs().max() < 5 * (p * (1 - p) / (n / 16)) ** 0.5, by_position
+
+
+def test_dropout_probability_is_quantised_to_8_bits():
+    """The kernels drop with p' = round(256 p) / 256 and scale kept probabilities by 1 / (1 - p'): with uniform
+    attention (q = 0) and v = 1, each output is (kept keys / L) / (1 - p')."""
+    assert quantized_attention_dropout_p(0.1) == 26 / 256 and quantized_attention_dropout_p(0.3) == 77 / 256
+    assert quantized_attention_dropout_p(0.999) == 255 / 256 and quantized_attention_dropout_p(0.001) == 0.0
+    seqlen = 40
+    q = torch.zeros(1, 2, seqlen, 32, device=DEVICE)
+    v = torch.ones(1, 2, seqlen, 32, device=DEVICE)
+    out, keep = attention_with_dropout_mask(q, torch.randn_like(q), v, dropout_p=0.3)
+    expected = keep.float().sum(-1) / seqlen / (1 - 77 / 256)  # (B, H, L)
+    torch.testing.assert_close(out[..., 0], expected)
+    assert out.mean().item() == pytest.approx(1.0, abs=0.05)  # unbiased
 
 
 def test_dropout_reproducible_and_fresh_per_call():

@@ -9,8 +9,7 @@ import torch
 from conftest import DEVICE
 from transformers import BertConfig, BertModel, ElectraConfig, ElectraModel, RobertaConfig, RobertaModel
 
-import electra_triton
-from electra_triton import attention_backend
+from electra_triton.integration import attention_backend
 
 SIZES = {"vocab_size": 99, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
          "intermediate_size": 96, "max_position_embeddings": 64, "hidden_dropout_prob": 0.0,
@@ -141,5 +140,5 @@ def test_registered_on_import():
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    assert electra_triton.attention_backend.NAME in ALL_ATTENTION_FUNCTIONS
+    assert attention_backend.NAME in ALL_ATTENTION_FUNCTIONS
     assert ALL_MASK_ATTENTION_FUNCTIONS["electra_triton"] is attention_backend.electra_triton_mask

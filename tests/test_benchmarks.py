@@ -15,6 +15,8 @@ if str(REPOSITORY) not in sys.path:  # benchmarks/ is not installed; it runs fro
     sys.path.insert(0, str(REPOSITORY))
 
 from benchmarks import common, kernels, plots, pretrain  # noqa: E402
+from electra_triton.pretrain.config import PretrainConfig  # noqa: E402
+from electra_triton.pretrain.step import TrainStep  # noqa: E402
 
 ENVIRONMENT_KEYS = {"device", "torch", "triton", "transformers", "commit"}
 RUN_KEYS = {"preset", "seq_len", "batch_size", "backend", "tokens_per_s", "step_ms", "mfu", "peak_mem_gb", "status",
@@ -63,7 +65,7 @@ def test_speedup_is_against_the_fastest_alternative():
 def test_pretrain_writes_the_documented_schema(tmp_path):
     args = ["--out", str(tmp_path), "--toy", "--seq-lens", "16", "--backends", "hf-eager", "electra-triton",
             "--finetune-max-len", "24", "--finetune-batch-size", "2", "--warmup", "1", "--steps", "2", "--rotations",
-            "1"]
+            "1", "--tokenizer-docs", "100"]
     assert pretrain.main(args) == 0
     payload = json.loads((tmp_path / "pretrain.json").read_text())
     assert ENVIRONMENT_KEYS | {"matmul_tflops", "copy_gbps", "runs"} <= payload.keys()
@@ -82,6 +84,8 @@ def test_pretrain_writes_the_documented_schema(tmp_path):
         else:
             assert run["status"] == "ok", run
     pretrain_run = runs[0]
+    assert pretrain_run["data"] == "pipeline" and payload["settings"]["pretrain_data"] == "pipeline"
+    assert runs[2]["data"] == "synthetic"  # fine-tuning batches are a padding collator's shape
     assert pretrain_run["seq_len"] == 16 and pretrain_run["batch_size"] == 64 // 16
     assert pretrain_run["tokens_per_step"] == 64
     assert (tmp_path / "pretrain.md").read_text().startswith("**TOY RUN ON CPU")
@@ -103,17 +107,43 @@ def test_compiled_backend_runs():
 
 
 def test_pretrain_records_oom_and_errors_and_goes_on(monkeypatch):
-    def fail(preset, attn, seq_len):
+    def fail(preset, attn, seq_len, *specials, **options):
         if attn == "eager":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         raise RuntimeError("compile failed")
 
     monkeypatch.setattr(pretrain, "build_pretrainer", fail)
-    settings = {"device": torch.device("cpu"), "seed": 0}
+    settings = {"device": torch.device("cpu"), "seed": 0, "data": pretrain.PretrainData()}
     oom = pretrain.run_one("pretrain", "tiny", 16, 2, "hf-eager", settings)
     error = pretrain.run_one("pretrain", "tiny", 16, 2, "hf-sdpa", settings)
     assert oom["status"] == "oom" and "out of memory" in oom["reason"]
     assert error["status"] == "error" and "compile failed" in error["reason"] and error["tokens_per_s"] is None
+
+
+def test_pretrain_times_the_production_step_on_pipeline_or_labelled_synthetic_batches(monkeypatch):
+    timed = []
+    monkeypatch.setattr(pretrain, "time_steps", lambda step, batches, *a: (timed.append((step, batches)), (
+        {"median": 1.0, "p20": 1.0, "p80": 1.0, "min": 1.0, "max": 1.0}, None))[1])
+    sources = pretrain.resolve_corpus(["stdlib"])[:20]
+    data = pretrain.PretrainData(sources, pretrain.train_tokenizer(sources, 300, 50, 64))
+    settings = {"device": torch.device("cpu"), "seed": 0, "rotations": 2, "warmup": 0, "steps": 0,
+                "matmul_tflops": 1.0, "compile_backend": "eager", "data": data}
+    run = pretrain.run_one("pretrain", "tiny", 32, 2, "hf-sdpa", settings)
+    assert run["status"] == "ok" and run["data"] == "pipeline", run
+    step, batches = timed[-1]
+    assert isinstance(step, TrainStep) and step.optimizer.defaults["foreach"]  # CPU: what the command uses here
+    assert step.max_grad_norm == PretrainConfig.max_grad_norm and step.scheduler is not None
+    expected = pretrain.pipeline_batches(sources, data.tokenizer, 2, 32, 2, 0)
+    assert all(b["input_ids"].equal(e["input_ids"]) for b, e in zip(batches, expected, strict=True))
+    step(batches[:1])  # the step the benchmark would time is the production one: it trains
+    assert step.read_metrics()["micro_steps"] == 1
+    assert 0 < run["fill"] <= 1
+    synthetic = pretrain.run_one("pretrain", "tiny", 32, 2, "hf-sdpa", {**settings, "data": pretrain.PretrainData()})
+    assert synthetic["data"] == "synthetic" and bool(timed[-1][1][0]["attention_mask"].all())
+    packed_data = pretrain.PretrainData(sources, data.tokenizer, packing=True)
+    packed = pretrain.run_one("pretrain", "tiny", 32, 2, "hf-sdpa", {**settings, "data": packed_data})
+    assert packed["data"] == "pipeline, packed" and "position_ids" in timed[-1][1][0]  # passed through to the model
+    assert packed["fill"] > run["fill"]
 
 
 def test_finetune_flops_count_real_tokens_only():

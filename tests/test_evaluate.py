@@ -1,6 +1,7 @@
 """Held-out evaluation: each metric against a hand computation, the AUC (ties, binning, reduction), the held-out
 split of the data, deterministic evaluation passes, the metrics log, and the command's refusals and warnings."""
 
+import contextlib
 import json
 import sys
 
@@ -10,8 +11,15 @@ from test_pretrain_data import corpus_and_tokenizer, micro_config, write_corpus 
 from test_pretrain_model import _pretrainer
 
 from electra_triton.pretrain import main
-from electra_triton.pretrain.data import CorpusError, EndOfSplit, ExampleStream, read_documents, resolve_corpus
-from electra_triton.pretrain.evaluate import DEFAULT_EVAL_DOCS, EvalPlan, Evaluator, plan_evaluation
+from electra_triton.pretrain.data import (
+    CorpusError,
+    EndOfSplit,
+    ExampleStream,
+    count_documents,
+    read_documents,
+    resolve_corpus,
+)
+from electra_triton.pretrain.evaluate import DEFAULT_EVAL_DOCS, EvalPlan, Evaluator, plan_evaluation, read_once
 from electra_triton.pretrain.metrics import (
     AUC_BINS,
     EVAL_KEYS,
@@ -21,6 +29,7 @@ from electra_triton.pretrain.metrics import (
     logit_bins,
     tensorboard_writer,
 )
+from electra_triton.pretrain.packing import Batcher
 
 
 def _outputs(disc_logits, rtd_labels, predictions, sampled, targets, weights, mlm_loss):
@@ -126,15 +135,15 @@ def test_sums_reduce_across_ranks_as_one_vector():
 # --------------------------------------------------------------------------------------------------- the split
 
 
-def _documents(stream: ExampleStream, batches: int = 200) -> set[str]:
-    """The words of every example the stream yields (train: `batches` batches; eval: to the end)."""
-    seen = set()
-    for _ in range(batches):
+def _documents(stream: ExampleStream, examples: int = 800) -> set[str]:
+    """The words of every example the stream yields (train: `examples` of them; eval: to the end), [CLS]/[SEP] too."""
+    seen = {"[CLS]", "[SEP]"}
+    for _ in range(examples):
         try:
-            batch = stream.next_batch(4)
+            first, second = stream.next_example()
         except EndOfSplit:
             break
-        seen.update(stream.tokenizer.convert_ids_to_tokens(batch["input_ids"][batch["attention_mask"] == 1]))
+        seen.update(stream.tokenizer.convert_ids_to_tokens(first + second))
     return seen
 
 
@@ -164,38 +173,32 @@ def test_eval_split_reads_the_same_batches_every_time(corpus_and_tokenizer):  # 
     sources, tokenizer = corpus_and_tokenizer
 
     def read():
-        stream = ExampleStream(sources, tokenizer, 32, seed=3, held_out_docs=10, split="eval")
-        batches = []
-        with pytest.raises(EndOfSplit):
-            while True:
-                batches.append(stream.next_batch(4))
-        return batches
+        return read_once(ExampleStream(sources, tokenizer, 32, seed=3, held_out_docs=10, split="eval"))
 
     first, second = read(), read()
-    assert len(first) == len(second) > 1
-    assert all(a["input_ids"].equal(b["input_ids"]) for a, b in zip(first, second, strict=True))
-    assert len(first[-1]["input_ids"]) <= 4  # the last batch may be short
+    assert len(first) > 10 and first == second
     # The first 10 documents only: their tokens and no others.
     kind, path = sources[0]
     documents = [sentences for sentences, _ in read_documents(kind, path)]
     held = {i for doc in documents[:10] for ids in tokenizer(doc, add_special_tokens=False)["input_ids"] for i in ids}
-    seen = {i for batch in first for i in batch["input_ids"][batch["attention_mask"] == 1].tolist()}
-    seen -= set(tokenizer.all_special_ids)
+    seen = {i for a, b in first for i in a + b}
     assert seen <= held and len(seen) > len(held) / 2  # packing truncates a little
 
 
 def test_default_share_is_capped_and_off_on_a_tiny_corpus(tmp_path):
     warnings = []
-    tiny = resolve_corpus([write_corpus(tmp_path / "tiny", documents=9)])
-    assert plan_evaluation(None, None, tiny, warnings.append).docs == 0
+
+    def counter(documents: int):
+        sources = resolve_corpus([write_corpus(tmp_path / str(documents), documents=documents)])
+        return lambda limit: count_documents(sources, limit)
+
+    assert plan_evaluation(None, None, counter(9), warnings.append).docs == 0
     assert "evaluation is off: the corpus has only 9 documents" in warnings[0]
-    assert plan_evaluation(None, None, resolve_corpus([write_corpus(tmp_path / "small", documents=60)]),
-                           warnings.append) == EvalPlan(resolve_corpus([str(tmp_path / "small" / "corpus.txt")]), 6, 6)
-    big = resolve_corpus([write_corpus(tmp_path / "big", documents=DEFAULT_EVAL_DOCS * 11)])
-    assert plan_evaluation(None, None, big, warnings.append).docs == DEFAULT_EVAL_DOCS
-    assert plan_evaluation(4, None, tiny, warnings.append).train_held_out == 4  # explicit: as asked
-    other = plan_evaluation(5, [str(tmp_path / "big")], tiny, warnings.append)
-    assert (other.docs, other.train_held_out, other.sources) == (5, 0, big)
+    assert plan_evaluation(None, None, counter(60), warnings.append) == EvalPlan(6, 6)
+    assert plan_evaluation(None, None, counter(DEFAULT_EVAL_DOCS * 11), warnings.append).docs == DEFAULT_EVAL_DOCS
+    assert plan_evaluation(4, None, counter(9), warnings.append) == EvalPlan(4, 4)  # explicit: as asked
+    other = plan_evaluation(5, [str(tmp_path / "60")], counter(9), warnings.append)
+    assert other == EvalPlan(5, 0, resolve_corpus([str(tmp_path / "60")]))
     assert len(warnings) == 1
 
 
@@ -206,13 +209,15 @@ def test_every_evaluation_masks_alike_and_leaves_training_state_alone(corpus_and
     sources, tokenizer = corpus_and_tokenizer
     model = _pretrainer()
     model.train()
-    plan = EvalPlan(sources, 8, 8)
-    evaluator = Evaluator.build(plan, tokenizer, 32, 4, model.generator.config.vocab_size, 0, 0, 1,
-                                torch.device("cpu"), False)
+    stream = ExampleStream(sources, tokenizer, 32, held_out_docs=8, split="eval")
+    batcher = Batcher(stream, 32, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
+    evaluator = Evaluator.build(stream, batcher, 4, 32, model.generator.config.vocab_size, 0, torch.device("cpu"),
+                                False)
+    assert len(evaluator.batches) > 1
     torch.manual_seed(5)
-    first = evaluator.evaluate(model, torch.autocast("cpu", enabled=False))
+    first = evaluator.evaluate(model, contextlib.nullcontext)
     state = torch.get_rng_state()
-    second = evaluator.evaluate(model, torch.autocast("cpu", enabled=False))
+    second = evaluator.evaluate(model, contextlib.nullcontext)
     assert torch.equal(state, torch.get_rng_state())  # the evaluation's own generator, not torch's
     assert model.training
     assert first.metrics() == pytest.approx(second.metrics())

@@ -22,12 +22,12 @@ def _value_and_grads(fn, tensors, grad_out, dtype=None):
     return out.detach(), [leaf.grad for leaf in leaves if leaf is not None]
 
 
-def _inputs(shape, dtype, residual=True, affine=True):
+def _inputs(shape, dtype, residual=True, affine=True, param_dtype=None):
     n = shape[-1]
     x = torch.randn(shape, device=DEVICE, dtype=dtype)
     res = torch.randn(shape, device=DEVICE, dtype=dtype) if residual else None
-    weight = (1 + 0.1 * torch.randn(n, device=DEVICE)).to(dtype) if affine else None
-    bias = (0.1 * torch.randn(n, device=DEVICE)).to(dtype) if affine else None
+    weight = (1 + 0.1 * torch.randn(n, device=DEVICE)).to(param_dtype or dtype) if affine else None
+    bias = (0.1 * torch.randn(n, device=DEVICE)).to(param_dtype or dtype) if affine else None
     return x, res, weight, bias
 
 
@@ -40,15 +40,18 @@ def _check(x, res, weight, bias, dropout_p):
         assert keep.all()
     fn = lambda *t: dropout_add_layer_norm_with_mask(*t, EPS, dropout_p)[0]
     ref = lambda *t: dropout_add_layer_norm_reference(*t, EPS, dropout_p, keep)
-    grad_out = torch.randn(x.shape, device=DEVICE)
+    # Rounded to x's dtype for every run: the float64 reference then sees the gradient the kernel sees, which keeps
+    # fp32 weight/bias gradients of 16-bit activations comparable under the fp32 rule.
+    grad_out = torch.randn(x.shape, device=DEVICE).to(x.dtype)
     torch.manual_seed(1234)
     ours, ours_grads = _value_and_grads(fn, (x, res, weight, bias), grad_out)
     plain, plain_grads = _value_and_grads(ref, (x, res, weight, bias), grad_out)
     exact, exact_grads = _value_and_grads(ref, (x, res, weight, bias), grad_out, torch.float64)
     names = [n for n, t in zip(("dx", "dresidual", "dweight", "dbias"), (x, res, weight, bias)) if t is not None]
     assert_accurate("y", ours, plain, exact)
-    for name, o, p, e in zip(names, ours_grads, plain_grads, exact_grads):
-        assert o.dtype == x.dtype, f"{name}: dtype {o.dtype}"
+    for name, leaf, o, p, e in zip(names, [t for t in (x, res, weight, bias) if t is not None], ours_grads,
+                                   plain_grads, exact_grads):
+        assert o.dtype == leaf.dtype, f"{name}: dtype {o.dtype}"
         assert_accurate(name, o, p, e)
 
 
@@ -58,6 +61,7 @@ CASES = {  # shape, residual, dropout_p
     "BLH-N24-embeddings": ((2, 3, 24), False, 0.0),
     "N768-dropout-embeddings": ((5, 768), False, 0.1),
     "rows-loop-N40-dropout": ((70, 40), True, 0.3),  # several row blocks per backward program
+    "N3-dropout": ((9, 3), True, 0.3),  # narrower than one Philox call's four columns
 }
 
 
@@ -67,6 +71,33 @@ def test_matches_reference(case, dtype):
     shape, residual, dropout_p = case
     x, res, weight, bias = _inputs(shape, dtype, residual)
     _check(x, res, weight, bias, dropout_p)
+
+
+MIXED_DTYPES = [pytest.param(torch.float16, id="float16"), DTYPES[2]]
+
+
+@pytest.mark.parametrize("dtype", MIXED_DTYPES)
+@pytest.mark.parametrize("case", [CASES["M37-N40"], CASES["rows-loop-N40-dropout"], CASES["BLH-N24-embeddings"]],
+                         ids=["M37-N40", "rows-loop-N40-dropout", "BLH-N24-embeddings"])
+def test_16bit_activations_with_fp32_parameters(case, dtype):
+    """The residual stream under autocast: y, d_x, d_residual in the 16-bit dtype (2x rule), d_weight and d_bias in
+    fp32 (fp32 rule: they are sums over rows of fp32 products of the 16-bit inputs)."""
+    shape, residual, dropout_p = case
+    x, res, weight, bias = _inputs(shape, dtype, residual, param_dtype=torch.float32)
+    _check(x, res, weight, bias, dropout_p)
+
+
+def test_mixed_dtypes_save_only_16bit_activations():
+    x, res, weight, bias = (t.requires_grad_() for t in _inputs((4, 40), torch.float16, param_dtype=torch.float32))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = dropout_add_layer_norm(x, res, weight, bias, EPS, 0.1)
+    assert y.dtype == torch.float16
+    activations = [t for t in saved if t.shape == x.shape]
+    statistics = [t for t in saved if t.shape == (4,)]
+    assert [t.dtype for t in activations] == [torch.float16, torch.float16]
+    assert [t.dtype for t in statistics] == [torch.float32, torch.float32]
+    assert all(t is weight or t is bias for t in saved if t.shape == (40,))
 
 
 def test_no_affine_and_noncontiguous():
@@ -88,6 +119,11 @@ def test_dropout_mask_rate_and_reproducibility():
     assert not torch.equal(y1, y_plain)
     assert abs(keep1.float().mean().item() - 0.75) < 0.02
     assert keep1.float().mean(0).min() > 0.1 and keep1.float().mean(1).max() < 0.95  # not constant along rows/cols
+    # Columns 4g..4g+3 take the four outputs of one Philox call: neighbours are kept together at the independent rate.
+    both = (keep1[:, 1:] & keep1[:, :-1]).float().mean().item()
+    assert abs(both - 0.75 ** 2) < 0.02, both
+    by_output = keep1.reshape(64, -1, 4).float().mean(dim=(0, 1))
+    assert (by_output - 0.75).abs().max() < 0.03, by_output
 
 
 def test_empty_rows():
@@ -105,6 +141,9 @@ def test_empty_rows():
     (lambda x, r, w, b: dropout_add_layer_norm(x, r.half(), w, b, EPS), TypeError, "residual"),
     (lambda x, r, w, b: dropout_add_layer_norm(x, r, w[:-1], b, EPS), ValueError, "weight"),
     (lambda x, r, w, b: dropout_add_layer_norm(x, r, w, b.double(), EPS), TypeError, "bias"),
+    (lambda x, r, w, b: dropout_add_layer_norm(x.half(), r.half(), w.bfloat16(), b.half(), EPS), TypeError,
+     "weight must have x's dtype"),
+    (lambda x, r, w, b: dropout_add_layer_norm(x, r, w.half(), b, EPS), TypeError, "weight"),
     (lambda x, r, w, b: dropout_add_layer_norm(x.int(), r, w, b, EPS), TypeError, "x"),
 ])
 def test_bad_inputs(bad, error, name):

@@ -51,9 +51,11 @@ def test_matches_reference(dtype, has_bias):
 
 
 def test_several_chunks_and_vocab_blocks(monkeypatch):
-    # 3-row chunks and a vocabulary spanning two 8K blocks with a ragged tail exercise both loops.
-    monkeypatch.setattr(kernel, "chunk_rows", lambda n_rows, vocab_size, hidden_size: 3)
-    hidden, weight, bias, labels = _inputs((11,), 8, 8192 + 37, torch.float32, masked_fraction=0.7)
+    # A budget of 3 rows of fp32 logits, and a vocabulary spanning two 8K blocks with a ragged tail: both loops.
+    vocab_size = 8192 + 37
+    monkeypatch.setattr(kernel, "LOGITS_BUDGET_BYTES", 3 * vocab_size * 4)
+    assert kernel.rows_per_chunk(11, vocab_size, 4) == 3
+    hidden, weight, bias, labels = _inputs((11,), 8, vocab_size, torch.float32, masked_fraction=0.7)
     loss, grads = _loss_and_grads(mlm_loss, hidden, weight, bias, labels)
     exact_loss, exact_grads = _loss_and_grads(_plain, hidden, weight, bias, labels, torch.float64)
     assert_accurate("loss", loss, loss, exact_loss)

@@ -201,3 +201,118 @@ def test_config_precedence_preset_file_flags(tmp_path):
         parse_args(["--config", str(tmp_path / "bad.json")])
     defaults = parse_args([]).resolved()
     assert (defaults.preset, defaults.corpus, defaults.output_dir) == ("tiny", ["stdlib"], "electra-tiny")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prepared shards (`pretrain --data`)
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus_and_tokenizer, tmp_path_factory):
+    from electra_triton.pretrain.prepare import prepare
+    from electra_triton.pretrain.shards import open_dataset
+
+    folder = tmp_path_factory.mktemp("prepared")
+    corpus_and_tokenizer[1].save_pretrained(folder / "tokenizer")
+    prepare([write_corpus(folder / "corpus")], str(folder / "data"), tokenizer=str(folder / "tokenizer"), workers=1,
+            shard_tokens=600, progress=False)
+    return open_dataset(folder / "data")
+
+
+def _shard_batcher(data, packing=True, **kwargs):
+    from electra_triton.pretrain.packing import Batcher
+    from electra_triton.pretrain.shards import ShardExampleStream
+
+    tokenizer = data.tokenizer
+    stream = ShardExampleStream(data, kwargs.pop("max_seq_len", 32), shuffle_buffer=8, **kwargs)
+    return Batcher(stream, stream.max_seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
+                   packing=packing, pool_size=16)
+
+
+def _documents_read(stream, examples: int) -> set[int]:
+    """The documents a stream visits while producing `examples` examples."""
+    for _ in range(examples):
+        stream.next_example()
+    return {int(d) for d in stream._epoch_documents[: stream.cursor]}
+
+
+def test_shard_stream_builds_the_raw_streams_examples(prepared, corpus_and_tokenizer):
+    """The same ExampleBuilder over the shards: with documents in corpus order and no shuffling, the shard stream's
+    examples are the raw-text stream's (which reads the corpus in file order)."""
+    from electra_triton.pretrain.shards import ShardExampleStream
+
+    sources, tokenizer = corpus_and_tokenizer
+    raw = ExampleStream(sources, tokenizer, 32, shuffle_buffer=1)
+    shards = ShardExampleStream(prepared, 32, shuffle_buffer=1)
+    shards._epoch_documents = shards.documents  # corpus order, as the single-file raw stream reads it
+    for _ in range(40):
+        first, second, _, _ = shards.materialize(shards.next_example())
+        as_ids = ([int(i) for piece in first for i in piece], [int(i) for piece in second for i in piece])
+        assert as_ids == raw.next_example()
+
+
+def test_shard_stream_is_deterministic_rank_sharded_and_resumes(prepared):
+    from electra_triton.pretrain.shards import ShardExampleStream
+
+    first = _shard_batcher(prepared, seed=1).next_batch(8)["input_ids"]
+    assert first.equal(_shard_batcher(prepared, seed=1).next_batch(8)["input_ids"])
+    assert not first.equal(_shard_batcher(prepared, seed=2).next_batch(8)["input_ids"])
+
+    ranks = [ShardExampleStream(prepared, 32, rank=r, world_size=2, shuffle_buffer=4) for r in range(2)]
+    read = [_documents_read(stream, 20) for stream in ranks]
+    assert read[0] and read[1] and not read[0] & read[1]
+
+    original = _shard_batcher(prepared, seed=3)
+    for _ in range(12):  # past the end of the data: a new epoch
+        original.next_batch(8)
+    assert original.stream.epoch >= 1
+    state = json.loads(json.dumps(original.state_dict()))  # what a checkpoint stores
+    resumed = _shard_batcher(prepared, seed=3)
+    resumed.load_state_dict(state)
+    for _ in range(3):
+        expected, got = original.next_batch(8), resumed.next_batch(8)
+        assert all(expected[k].equal(got[k]) for k in ("input_ids", "token_type_ids", "position_ids"))
+    other_rank = ShardExampleStream(prepared, 32, rank=1, world_size=2)
+    with pytest.raises(ValueError, match="rank 0 of 1.*same number of processes"):
+        other_rank.load_state_dict(state["stream"])
+
+
+def test_held_out_documents_are_the_first_k(prepared):
+    from electra_triton.pretrain.shards import ShardExampleStream
+
+    train = ShardExampleStream(prepared, 32, held_out_docs=10, split="train", shuffle_buffer=4)
+    held_out = ShardExampleStream(prepared, 32, held_out_docs=10, split="eval", shuffle_buffer=4)
+    assert min(_documents_read(train, 30)) >= 10
+    assert _documents_read(held_out, 30) <= set(range(10))
+    with pytest.raises(ValueError, match="held_out_docs"):
+        ShardExampleStream(prepared, 32, held_out_docs=prepared.num_documents + 1)
+
+
+def test_pretrain_from_prepared_data(tmp_path, prepared, capsys):
+    from electra_triton.pretrain import run
+
+    cfg = micro_config(tmp_path, corpus=None, data=str(prepared.path), max_steps=3, save_every=2)
+    assert run(cfg) == 0
+    out = capsys.readouterr()
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.9 < m["fill"] <= 1 and m["tokens_per_s"] > 0 for m in metrics)  # packed rows, real tokens only
+    assert "packing: on" in out.err and "real tokens/s, fill" in out.out
+    cfg.resume, cfg.max_steps = True, 4
+    assert run(cfg) == 0
+    assert [m["step"] for m in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())] == \
+        [1, 2, 3, 4]
+
+
+def test_unpacked_fill_counts_padding(tmp_path, capsys):
+    from electra_triton.pretrain import run
+
+    assert run(micro_config(tmp_path, packing="off", max_steps=2)) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["fill"] < 0.9 for m in metrics)  # short documents, one example per row
+    assert "packing: off" in capsys.readouterr().err
+
+
+def test_data_and_corpus_together_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="--data .* and --corpus .* are both given: pass one"):
+        micro_config(tmp_path, data=str(tmp_path)).resolved()
+    assert not (tmp_path / "out").exists()

@@ -58,3 +58,61 @@ def test_scopes_tag_records():
         torch.ones(3) * 2
     scoped = [r.name for r in trace.records if r.scope == ("layer0",)]
     assert "aten::add" in scoped and all(r.scope == () for r in trace.records if r.name == "aten::mul")
+
+
+def test_backward_ops_carry_their_forward_scope():
+    first, second = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8)
+    trace = OpTrace()
+    with trace, trace.module_scopes({"first": first, "second": second}):
+        second(first(x)).sum().backward()
+    backward = [r for r in trace.records if r.backward and r.name == "aten::mm"]
+    assert {r.scope for r in backward} == {("first",), ("second",)}  # dW of each, dX of the second
+    assert all(not r.backward for r in trace.records if r.name == "aten::addmm")
+    assert any(r.name == "aten::addmm" and r.scope == ("first",) for r in trace.records)
+
+
+def test_fake_run_keeps_host_data_real():
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake:
+        weight = torch.randn(16, 4, requires_grad=True)  # fake: no memory, no values
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])  # real host data
+    with OpTrace(fake) as trace:
+        rows = weight[: mask.numel()].view(2, 4, 4)
+        picked = rows[mask.bool()]  # the output's shape depends on the real mask: 5 rows
+        everything = bool(mask.all())  # a sync on real data gives the real answer
+        lengths = mask.sum(1)  # computed from host data alone: stays real
+        picked.sum().backward()
+    assert isinstance(picked, FakeTensor) and picked.shape == (5, 4)
+    assert everything is False and not isinstance(lengths, FakeTensor) and lengths.tolist() == [3, 2]
+    assert {"aten::_local_scalar_dense", "aten::index"} <= set(trace.sync_ops())
+    assert any(r.estimated for r in trace.records if r.name == "aten::index")  # fake values stood in by zeros
+    summed = next(r for r in trace.records if r.name == "aten::sum" and r.arguments.get("dim") == [1])
+    assert summed.outputs[0].values == (3, 2)  # small host-side integer results are recorded with their values
+
+
+def test_integer_indexing_is_no_sync_but_a_boolean_mask_is():
+    x, index = torch.randn(6, 3), torch.tensor([0, 2, 2])
+    with OpTrace() as trace:
+        x[index]
+        x[index] = 1.0
+    assert trace.host_syncs == 0, trace.sync_ops()
+    with OpTrace() as trace:
+        x[x[:, 0] > 0]
+    assert trace.sync_ops() == ["aten::index"]
+
+
+def test_blocking_copies_from_the_gpu_are_syncs():
+    from electra_triton.tracing import TensorMeta, _blocking_copy_to_host
+
+    gpu, cpu = TensorMeta((4,), torch.float32, "cuda"), TensorMeta((4,), torch.float32, "cpu")
+    assert _blocking_copy_to_host("aten::_to_copy", {"self": gpu, "non_blocking": False}, [cpu])
+    assert _blocking_copy_to_host("aten::copy_", {"self": cpu, "src": gpu, "non_blocking": False}, [cpu])
+    assert not _blocking_copy_to_host("aten::_to_copy", {"self": gpu, "non_blocking": True}, [cpu])  # pinned, async
+    assert not _blocking_copy_to_host("aten::_to_copy", {"self": cpu, "non_blocking": False}, [gpu])  # host to GPU
+    assert not _blocking_copy_to_host("aten::_to_copy", {"self": cpu}, [cpu])
+    with OpTrace() as trace:
+        torch.ones(3).to(torch.float64).tolist()  # on the CPU: no device to wait for
+    assert trace.host_syncs == 0

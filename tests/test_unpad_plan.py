@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from electra_triton.ops import unpad_input, unpad_plan
+from electra_triton.ops import unpad, unpad_input, unpad_plan
+from electra_triton.ops.unpad import traceable_unpad_plan
 
 
 def test_padded_rows_match_unpad_input():
@@ -22,6 +23,14 @@ def test_position_ids_split_packed_rows_into_examples():
     plan = unpad_plan(mask, position_ids)
     assert plan.cu_seqlens.tolist() == [0, 3, 5, 9, 10, 11]
     assert plan.max_seqlen == 4 and plan.indices.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
+    assert plan.packed and not unpad_plan(mask).packed
+
+
+def test_packed_rows_without_mask_count_every_slot():
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    plan = unpad_plan(None, position_ids)
+    assert plan.indices.tolist() == list(range(6)) and plan.cu_seqlens.tolist() == [0, 3, 5, 6]
+    assert plan.packed and plan.max_seqlen == 3 and plan.total_tokens == 6
 
 
 def test_a_row_always_starts_a_sequence_and_bounds_are_kept():
@@ -44,3 +53,17 @@ def test_bad_arguments_name_themselves():
         unpad_plan(torch.ones(2, 3), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="max_seqlen"):
         unpad_plan(torch.ones(2, 3), max_seqlen=-1)
+    with pytest.raises(ValueError, match="attention_mask may be None only with position_ids"):
+        unpad_plan(None)
+    with pytest.raises(TypeError, match="position_ids"):
+        unpad_plan(None, [[0, 1]])
+
+
+def test_traceable_plan_is_unpad_plan_as_one_op():
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]])
+    plan, expected = traceable_unpad_plan(mask), unpad_plan(mask, max_seqlen=4)
+    assert torch.equal(plan.indices, expected.indices) and torch.equal(plan.cu_seqlens, expected.cu_seqlens)
+    assert (plan.max_seqlen, plan.batch, plan.seqlen, plan.packed) == (4, 2, 4, False)
+    torch.library.opcheck(unpad._plan_of_mask, (mask,), test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="attention_mask"):
+        traceable_unpad_plan(torch.ones(3))

@@ -6,11 +6,14 @@
 - CPU tensors otherwise: the PyTorch reference, announced once per op through `logging`.
 
 `set_kernel_mode("reference")` forces the references everywhere (the pre-training command's `--kernels reference`);
-`"triton"` refuses to fall back on CPU.
+`"triton"` refuses to fall back on CPU. `kernel_path_for_tracing()` sends every device to the kernel path, for tracing
+under FakeTensorMode only (the step anatomy): there the custom ops' fake implementations run, never a kernel.
 """
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -22,7 +25,20 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 KERNEL_MODES = ("auto", "triton", "reference")
 
 _kernel_mode = "auto"
+_tracing_kernels = False
 _announced: set[tuple[str, str]] = set()
+
+
+@contextlib.contextmanager
+def kernel_path_for_tracing() -> Iterator[None]:
+    """Inside, `use_kernel` is True on every device: the fused ops take the path a GPU run takes. Use it only with
+    fake tensors (torch._subclasses.FakeTensorMode), whose custom-op fake implementations stand in for the kernels."""
+    global _tracing_kernels
+    previous, _tracing_kernels = _tracing_kernels, True
+    try:
+        yield
+    finally:
+        _tracing_kernels = previous
 
 
 def set_kernel_mode(mode: str) -> None:
@@ -49,7 +65,7 @@ def use_kernel(op: str, device: torch.device) -> bool:
     if _kernel_mode == "reference":
         _announce(op, "the PyTorch reference (kernel mode 'reference')")
         return False
-    if device.type == "cuda":
+    if device.type == "cuda" or _tracing_kernels:
         return True
     if device.type == "cpu" and INTERPRET:
         _announce(op, "in the Triton interpreter on CPU")

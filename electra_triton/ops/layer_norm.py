@@ -16,13 +16,20 @@ def dropout_add_layer_norm_reference(
     eps: float, dropout_p: float = 0.0, keep_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch: F.layer_norm(F.dropout(x, dropout_p) + residual, ...). With `keep_mask` (bool, x's shape), that
-    mask replaces F.dropout's random one (kept elements scaled by 1 / (1 - dropout_p)), to compare with the kernel."""
+    mask replaces F.dropout's random one (kept elements scaled by 1 / (1 - dropout_p)), to compare with the kernel.
+
+    Mixed dtypes (fp16/bf16 x and residual, fp32 weight/bias) normalise in fp32 and return x's dtype, as the op does.
+    """
     if keep_mask is not None:
         x = torch.where(keep_mask, x / (1.0 - dropout_p), 0.0).to(x.dtype)
     elif dropout_p > 0:
         x = F.dropout(x, dropout_p)
     h = x if residual is None else x + residual
-    return F.layer_norm(h, h.shape[-1:], weight, bias, eps)
+    params = [t for t in (weight, bias) if t is not None]
+    if all(t.dtype == h.dtype for t in params):
+        return F.layer_norm(h, h.shape[-1:], weight, bias, eps)
+    weight, bias = (None if t is None else t.float() for t in (weight, bias))
+    return F.layer_norm(h.float(), h.shape[-1:], weight, bias, eps).to(h.dtype)
 
 
 @torch.library.custom_op("electra_triton::dropout_add_layer_norm_forward", mutates_args=())
@@ -42,37 +49,38 @@ def _(x, residual, weight, bias, eps, dropout_p, rng, store_mask):
 
 @torch.library.custom_op("electra_triton::dropout_add_layer_norm_backward", mutates_args=())
 def _backward(
-    grad_y: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, has_bias: bool,
-    mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, rng: torch.Tensor,
+    grad_y: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+    bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, rng: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     seed, offset = rng.tolist()
     dx, dres, dw, db = kernel.dropout_add_layer_norm_backward(
-        grad_y, x, residual, weight, has_bias, mean, rstd, dropout_p, seed, offset)
+        grad_y, x, residual, weight, None if bias is None else bias.dtype, mean, rstd, dropout_p, seed, offset)
     empty = x.new_empty(0)
     return dx, *(t if t is not None else empty.clone() for t in (dres, dw, db))
 
 
 @_backward.register_fake
-def _(grad_y, x, residual, weight, has_bias, mean, rstd, dropout_p, rng):
-    n_cols = x.shape[1]
+def _(grad_y, x, residual, weight, bias, mean, rstd, dropout_p, rng):
     return (x.new_empty(x.shape), x.new_empty(x.shape if residual is not None else (0,)),
-            x.new_empty((n_cols,) if weight is not None else (0,)), x.new_empty((n_cols,) if has_bias else (0,)))
+            *(x.new_empty(0) if param is None else torch.empty_like(param) for param in (weight, bias)))
 
 
 def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, _, dropout_p, rng, _ = inputs
     _, mean, rstd, _ = output
-    ctx.save_for_backward(x, residual, weight, mean, rstd, rng)
-    ctx.has_bias = bias is not None
+    # Activations in their own (16-bit under autocast) dtype, fp32 statistics; weight and bias are parameters (bias
+    # only tells the backward its dtype).
+    ctx.save_for_backward(x, residual, weight, bias, mean, rstd, rng)
     ctx.dropout_p = dropout_p
+    ctx.set_materialize_grads(False)  # mean, rstd and the mask get no gradient: no zero-filled buffers for them
 
 
 def _autograd_backward(ctx, grad_y, grad_mean, grad_rstd, grad_mask):
-    x, residual, weight, mean, rstd, rng = ctx.saved_tensors
+    x, residual, weight, bias, mean, rstd, rng = ctx.saved_tensors
     grad_y = grad_y if grad_y.stride(-1) == 1 else grad_y.contiguous()
-    dx, dres, dw, db = _backward(grad_y, x, residual, weight, ctx.has_bias, mean, rstd, ctx.dropout_p, rng)
+    dx, dres, dw, db = _backward(grad_y, x, residual, weight, bias, mean, rstd, ctx.dropout_p, rng)
     return (dx, dres if residual is not None else None, dw if weight is not None else None,
-            db if ctx.has_bias else None, None, None, None, None)
+            db if bias is not None else None, None, None, None, None)
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -93,7 +101,9 @@ def _check(
         check_shape("residual", residual, x.shape)
     for name, param in (("weight", weight), ("bias", bias)):
         if param is not None:
-            check_like(name, check_float(name, param), "x", x)
+            check_like(name, check_float(name, param), "x", x, dtype=False)
+            if param.dtype not in (x.dtype, torch.float32):
+                raise TypeError(f"{name} must have x's dtype ({x.dtype}) or float32, got {param.dtype}")
             check_shape(name, param, (n_cols,))
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
@@ -121,10 +131,12 @@ def dropout_add_layer_norm(
     """`F.layer_norm(F.dropout(x, dropout_p) + residual, (N,), weight, bias, eps)` in one pass over memory.
 
     x (..., N) of any leading shape; residual of x's shape, or None (then LayerNorm(dropout(x)), e.g. for the
-    embeddings); weight and bias (N,) or None (elementwise_affine=False); all of one float dtype and device. Dropout
-    is applied whenever dropout_p > 0 (the caller decides from its training mode), with a Philox mask drawn from
-    torch's generator (reproducible under torch.manual_seed) and regenerated, not stored, for the backward.
-    Statistics in fp32; returns x's dtype and shape.
+    embeddings); weight and bias (N,) or None (elementwise_affine=False); all on one device. x and residual share a
+    float dtype; weight and bias have that dtype or float32 (fp16/bf16 activations with fp32 parameters: the residual
+    stream under autocast stays 16-bit, and only 16-bit activations plus fp32 mean/rstd are saved for backward).
+    Dropout is applied whenever dropout_p > 0 (the caller decides from its training mode), with a Philox mask drawn
+    from torch's generator (reproducible under torch.manual_seed) and regenerated, not stored, for the backward.
+    Statistics in fp32; returns x's dtype and shape; weight and bias gradients come back in their own dtype.
     """
     dropout_p = _check(x, residual, weight, bias, eps, dropout_p)
     if not use_kernel("dropout_add_layer_norm", x.device):

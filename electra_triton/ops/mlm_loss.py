@@ -1,4 +1,5 @@
-"""mlm_loss: masked-LM cross-entropy fused with its vocabulary projection (kernels/mlm_loss.py), reference, checks."""
+"""mlm_loss: masked-LM cross-entropy fused with its vocabulary projection (kernels/mlm_loss.py, the generator head's
+kernel without sampling), reference, checks."""
 
 import torch
 import torch.nn.functional as F
@@ -27,18 +28,32 @@ def _forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, ignore_index: int,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    active = (labels != ignore_index).nonzero().squeeze(1)  # (R,): the one host synchronisation
-    targets = labels[active]
-    if targets.numel() and bool(((targets < 0) | (targets >= weight.shape[0])).any()):
-        raise ValueError(f"labels must be in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}")
-    loss, grad_active, grad_weight, grad_bias = kernel.mlm_loss_forward(
-        hidden[active], weight, bias, targets, active.numel(), compute_grad
-    )
+    vocab_size = weight.shape[0]
+    active_mask = labels != ignore_index
+    bad = active_mask & ((labels < 0) | (labels >= vocab_size))
+    n_active, n_bad = torch.stack([active_mask.sum(), bad.sum()]).tolist()  # the one host synchronisation
+    if n_bad:
+        raise ValueError(f"labels must be in [0, {vocab_size}) or equal ignore_index={ignore_index}")
+    active = torch.nonzero_static(active_mask, size=n_active).squeeze(1)  # (R,)
+    hidden_active = hidden[active]
+    flag = torch.zeros(1, device=hidden.device, dtype=torch.int32)  # no bad label left to flag
+    out = kernel.generator_head_forward(
+        hidden_active, weight, bias, labels[active], ignore_index, 1.0, 0, 0, False, compute_grad, flag)
+    scale = 1.0 / max(n_active, 1)
+    loss = out["losses"].sum() * scale
     if not compute_grad:  # three distinct tensors: custom op outputs may not alias each other
         return loss, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
-    grad_hidden = torch.zeros_like(hidden).index_copy_(0, active, grad_active)
-    grad_bias = grad_bias.to(weight.dtype) if grad_bias is not None else hidden.new_empty(0)
-    return loss, grad_hidden, grad_weight.to(weight.dtype), grad_bias
+    dlogits = out["dlogits"]
+    if dlogits is not None:  # one chunk: the two gradient GEMMs now (this op's rows are known only here)
+        grad_active = dlogits @ weight
+        grad_weight = dlogits.T @ (hidden_active.float() * scale).to(hidden.dtype)  # the scale on the small side
+        grad_bias = dlogits.sum(dim=0, dtype=torch.float32) if bias is not None else None
+    else:
+        grad_active, grad_bias = out["grad_hidden"], out["grad_bias"]
+        grad_weight = (out["grad_weight"] * scale).to(weight.dtype)
+    grad_hidden = torch.zeros_like(hidden).index_copy_(0, active, (grad_active.float() * scale).to(hidden.dtype))
+    grad_bias = (grad_bias * scale).to(weight.dtype) if grad_bias is not None else hidden.new_empty(0)
+    return loss, grad_hidden, grad_weight, grad_bias
 
 
 @_forward.register_fake
@@ -54,10 +69,13 @@ def _setup_context(ctx, inputs, output):
     _, grad_hidden, grad_weight, grad_bias = output
     ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
     ctx.has_bias = inputs[2] is not None
+    ctx.set_materialize_grads(False)  # only the loss carries a gradient: no zeros for the other outputs
 
 
 def _autograd_backward(ctx, grad_loss, *_):
     # The forward already computed the gradients of the loss; the chain rule only scales them.
+    if grad_loss is None:
+        return None, None, None, None, None, None
     grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
     return (
         grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype),
@@ -72,13 +90,15 @@ def mlm_loss(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     ignore_index: int = -100, return_logits: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Masked-LM loss of a vocabulary projection, fused: never materialises the (tokens x vocab) logits.
+    """Masked-LM loss of a vocabulary projection, fused: only the labelled rows' logits are ever computed.
 
     Equals `F.cross_entropy(F.linear(hidden, weight, bias).view(-1, V), labels.view(-1), ignore_index=ignore_index)`,
     as ElectraForMaskedLM computes it through `generator_lm_head`, except that a batch with no label other than
-    `ignore_index` gives loss 0 and zero gradients instead of NaN. Only the rows whose label is not `ignore_index` are
-    projected, in chunks (see kernels/mlm_loss.py); the gradients of hidden, weight and bias are computed during the
-    forward when any of them requires grad, and backward only scales them.
+    `ignore_index` gives loss 0 and zero gradients instead of NaN. The rows whose label is not `ignore_index` are
+    gathered (one host synchronisation: their number; bad labels raise ValueError there at no extra cost) and run
+    through the generator head's kernel without sampling, under its memory rule (one logits GEMM unless the logits
+    exceed kernels/mlm_loss.LOGITS_BUDGET_BYTES). The gradients of hidden, weight and bias are computed during the
+    forward when any of them requires grad (the two GEMMs over the logits' gradient), and backward only scales them.
 
     hidden (..., E) float; weight (V, E) and bias (V,) or None of hidden's dtype; labels of shape hidden.shape[:-1],
     integer, each in [0, V) or equal to `ignore_index`. Returns the fp32 scalar loss. With `return_logits=True` also

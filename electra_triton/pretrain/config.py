@@ -38,7 +38,9 @@ class PretrainConfig:
     """Everything a pre-training run depends on. None means "the preset's default" (see TRAINING_DEFAULTS)."""
 
     preset: str = "tiny"
-    corpus: list[str] = dataclasses.field(default_factory=lambda: [BUILTIN_CORPUS])
+    corpus: list[str] | None = None  # raw text, tokenized on the fly; default (without --data) the built-in corpus
+    data: str | None = None  # a folder written by `electra-triton prepare`
+    packing: str = "auto"  # auto | on | off: several examples per row (auto: on unless the kernels lack unpad_plan)
     tokenizer: str | None = None  # a local HF tokenizer folder; None trains a WordPiece vocab on the corpus
     vocab_size: int | None = None  # size of the trained WordPiece vocab (default: the preset's vocab_size)
     tokenizer_train_docs: int = 200_000  # documents read to train the WordPiece vocab
@@ -86,6 +88,13 @@ class PretrainConfig:
                 setattr(cfg, key, value)
         if cfg.output_dir is None:
             cfg.output_dir = f"electra-{cfg.preset}"
+        if cfg.data is not None and cfg.corpus is not None:
+            raise ValueError(
+                f"--data {cfg.data} and --corpus {' '.join(cfg.corpus)} are both given: pass one. --data reads a "
+                "folder prepared by `electra-triton prepare`; --corpus tokenizes raw text on the fly"
+            )
+        if cfg.data is None and cfg.corpus is None:
+            cfg.corpus = [BUILTIN_CORPUS]
         if cfg.vocab_size is None:
             cfg.vocab_size = PRESETS[cfg.preset]["discriminator"]["vocab_size"]
         cfg.validate()
@@ -131,11 +140,12 @@ class PretrainConfig:
                 "set --disc-embedding-size and --gen-embedding-size to the same value"
             )
         choices = {"kernels": ("auto", "triton", "reference"), "precision": ("auto", "bf16", "fp32"),
-                   "device": ("auto", "cpu", "cuda"), "report_to": ("none", "tensorboard")}
+                   "device": ("auto", "cpu", "cuda"), "packing": ("auto", "on", "off"),
+                   "report_to": ("none", "tensorboard")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not self.corpus:
+        if self.data is None and not self.corpus:
             raise ValueError("--corpus needs at least one file or folder")
 
     def to_json(self) -> dict[str, Any]:
@@ -180,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                 kind = _bool
             choices = {"preset": sorted(PRESETS), "kernels": ["auto", "triton", "reference"],
                        "precision": ["auto", "bf16", "fp32"], "device": ["auto", "cpu", "cuda"],
-                       "report_to": ["none", "tensorboard"]}.get(field.name)
+                       "packing": ["auto", "on", "off"], "report_to": ["none", "tensorboard"]}.get(field.name)
             parser.add_argument(flag, type=kind, choices=choices, help=_HELP.get(field.name))
     group = parser.add_argument_group("model size overrides (ElectraConfig fields; --disc-* or --gen-*)")
     for role, prefix in _ROLE_PREFIX.items():
@@ -196,7 +206,11 @@ _HELP = {
     "preset": "model sizes and training defaults: tiny (CPU, minutes), small, base, large (default tiny)",
     "corpus": f"text files (blank line between documents), folders of them, or .jsonl files with a 'text' field; "
     f"'{BUILTIN_CORPUS}' is the built-in corpus (docstrings of the Python standard library). Default {BUILTIN_CORPUS}",
-    "tokenizer": "a local Hugging Face tokenizer folder; default: train a WordPiece vocab on the corpus",
+    "data": "a folder prepared by `electra-triton prepare` (token shards; instead of --corpus)",
+    "packing": "several examples per row of --max-seq-len, each attending only to itself (auto: on, except with "
+    "kernels whose encoder takes no unpad_plan); off: one example per row, padded",
+    "tokenizer": "a local Hugging Face tokenizer folder; default: train a WordPiece vocab on the corpus (with --data: "
+    "the data's own; a --tokenizer must be the one the data was prepared with)",
     "output_dir": "where metrics, checkpoints and the final models go (default ./electra-<preset>)",
     "max_steps": "optimizer steps (default: the preset's)",
     "batch_size": "sequences per device per micro-step",

@@ -1,4 +1,4 @@
-"""Corpus reading, tokenizer, and ELECTRA example packing: streaming, deterministic, rank-sharded, resumable.
+"""Corpus reading, tokenizer, and ELECTRA example building: streaming, deterministic, rank-sharded, resumable.
 
 Input formats (a corpus is a list of paths; folders are searched recursively, files sorted by name):
 - text (.txt, .text, .md, .rst or any other non-jsonl file): one sentence or paragraph per line, a blank line between
@@ -7,19 +7,21 @@ Input formats (a corpus is a list of paths; folders are searched recursively, fi
 - `stdlib`: the built-in corpus, docstrings of the Python standard library's .py files (read with `ast`, nothing
   imported, nothing downloaded).
 
-Packing follows google-research/electra build_pretraining_dataset.py (ExampleBuilder): sentences are accumulated until
+Examples follow google-research/electra build_pretraining_dataset.py (ExampleBuilder): sentences are accumulated until
 they reach the target length, then split into segment A and segment B ("[CLS] A [SEP] B [SEP]"), with 10% single-
 segment examples and 5% random-length targets. Unlike the original, a sentence longer than one example is cut into
 example-sized pieces instead of being truncated, so no text is dropped.
 
 Streaming: documents are read one at a time from disk and tokenized per document. Each rank tokenizes only the
 documents whose running index is its own (index % world_size == rank), so ranks see disjoint data. The stream's
-state (file, byte offset, document index, packer contents, RNG state, shuffle buffer) is a small JSON-able dict
-saved in every checkpoint: a resumed stream continues at the exact example.
+state (file, byte offset, document index, example builder, RNG state, shuffle buffer) is a small JSON-able dict
+saved in every checkpoint: a resumed stream continues at the exact example. Rows (one example each, or several packed
+together) are made from a stream's examples by `packing.Batcher`; `shards.ShardExampleStream` is this stream over
+data tokenized once by `electra-triton prepare`.
 
 Held-out split: the first `held_out_docs` documents in corpus order (sources in `resolve_corpus` order, documents in
 file order) are never trained on, whatever the epoch's file order. `split="train"` skips them; `split="eval"` reads
-only them, once, in corpus order without shuffling (the same examples every time), and then `next_batch` raises
+only them, once, in corpus order without shuffling (the same examples every time), and then `next_example` raises
 `EndOfSplit`.
 """
 
@@ -31,9 +33,12 @@ import random
 import sysconfig
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .packing import Batcher
 
 BUILTIN_CORPUS = "stdlib"
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
@@ -86,7 +91,7 @@ def resolve_corpus(paths: list[str]) -> list[tuple[str, str]]:
     return sources
 
 
-def _docstrings(path: str) -> list[str]:
+def module_docstrings(path: str) -> list[str]:
     try:
         tree = ast.parse(pathlib.Path(path).read_bytes())
     except (SyntaxError, ValueError, OSError):
@@ -99,7 +104,7 @@ def _docstrings(path: str) -> list[str]:
 def read_documents(kind: str, path: str, position: int = 0) -> Iterator[tuple[list[str], int]]:
     """Yield (sentences, position after the document) from `position` on."""
     if kind == "pydoc":
-        for index, doc in enumerate(_docstrings(path)[position:], start=position + 1):
+        for index, doc in enumerate(module_docstrings(path)[position:], start=position + 1):
             # Paragraphs are the sentences: docstring lines are wrapped at ~80 columns mid-sentence.
             paragraphs = [" ".join(p.split()) for p in doc.split("\n\n")]
             yield [p for p in paragraphs if p], index
@@ -249,51 +254,81 @@ def _describe(sources: list[tuple[str, str]]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Packing
+# Examples
+
+
+Span = tuple[int, int]  # [start, end) of a sentence's ids in a token array (a document's, or a shard's)
+Example = tuple[list[Span], list[Span], int, int]  # segment A spans, segment B spans, their token counts
+
+
+def _truncate(spans: list[Span], limit: int) -> tuple[list[Span], int]:
+    kept: list[Span] = []
+    length = 0
+    for start, end in spans:
+        if length >= limit:
+            break
+        end = min(end, start + limit - length)
+        kept.append((start, end))
+        length += end - start
+    return kept, length
 
 
 class ExampleBuilder:
-    """google-research/electra's ExampleBuilder over token ids: sentences in, [CLS] A [SEP] B [SEP] examples out."""
+    """google-research/electra's ExampleBuilder: sentences in, [CLS] A [SEP] B [SEP] examples out.
+
+    It sees sentences as spans of a token array, never the ids themselves, so that the raw-text stream (spans of a
+    tokenized document) and the prepared-shard stream (spans of a memory-mapped shard) build the same examples with
+    no per-token Python. Unlike the original, a sentence longer than one example is cut into example-sized pieces
+    instead of being truncated, so that no text is dropped.
+    """
 
     def __init__(self, max_length: int, rng: random.Random):
         self.max_length = max_length
         self.target_length = max_length
-        self.sentences: list[list[int]] = []
+        self.sentences: list[Span] = []
         self.length = 0
         self.rng = rng
 
-    def add_sentence(self, ids: list[int]) -> list[int] | None:
-        """Add a sentence's ids; returns an (A, B) example once the target length is reached."""
-        self.sentences.append(ids)
-        self.length += len(ids)
-        return self.create() if self.length >= self.target_length else None
+    def add_document(self, sentences: list[Span]) -> list[Example]:
+        """The examples of one document's sentences (the last one ends with the document)."""
+        examples = []
+        piece = self.max_length - 3
+        for start, end in sentences:
+            for at in range(start, end, piece):
+                stop = min(at + piece, end)
+                self.sentences.append((at, stop))
+                self.length += stop - at
+                if self.length >= self.target_length:
+                    examples.append(self.create())
+        if self.length:
+            examples.append(self.create())
+        return examples
 
-    def end_document(self):
-        return self.create() if self.length else None
-
-    def create(self) -> tuple[list[int], list[int]]:
+    def create(self) -> Example:
         # A small chance of one segment only, as in classification tasks; -3 for [CLS] and the two [SEP].
         first_target = 100_000 if self.rng.random() < 0.1 else (self.target_length - 3) // 2
-        first: list[int] = []
-        second: list[int] = []
-        for sentence in self.sentences:
-            if (not first or len(first) + len(sentence) < first_target
-                    or (not second and len(first) < first_target and self.rng.random() < 0.5)):
-                first += sentence
+        first: list[Span] = []
+        second: list[Span] = []
+        first_length = 0
+        for start, end in self.sentences:
+            if (not first or first_length + end - start < first_target
+                    or (not second and first_length < first_target and self.rng.random() < 0.5)):
+                first.append((start, end))
+                first_length += end - start
             else:
-                second += sentence
-        first = first[: self.max_length - 2]
-        second = second[: max(0, self.max_length - len(first) - 3)]
+                second.append((start, end))
+        first, first_length = _truncate(first, self.max_length - 2)
+        second, second_length = _truncate(second, self.max_length - first_length - 3)
         self.sentences, self.length = [], 0
         # A small chance of a random-length example, so that the model also sees short inputs.
         self.target_length = self.rng.randint(5, self.max_length) if self.rng.random() < 0.05 else self.max_length
-        return first, second
+        return first, second, first_length, second_length
 
     def state_dict(self) -> dict[str, Any]:
         return {"sentences": list(self.sentences), "length": self.length, "target_length": self.target_length}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sentences = [list(ids) for ids in state["sentences"]]
+        self.sentences = [tuple(span) for span in state["sentences"]]
         self.length, self.target_length = state["length"], state["target_length"]
 
 
@@ -375,8 +410,8 @@ class ExampleStream:
             )
         for key in ("epoch", "source_index", "position", "document", "epoch_examples"):
             setattr(self, key, state[key])
-        self.pending = [(list(a), list(b)) for a, b in state["pending"]]
-        self.buffer = [(list(a), list(b)) for a, b in state["buffer"]]
+        self.pending = [self.restore_example(item) for item in state["pending"]]
+        self.buffer = [self.restore_example(item) for item in state["buffer"]]
         _set_rng_state(self.rng, state["rng"])
         self.builder.load_state_dict(state["builder"])
 
@@ -404,11 +439,6 @@ class ExampleStream:
         for item in self._open[1]:
             self._open[0] = (self.epoch, self.source_index, item[1])
             yield item
-
-    def _split(self, ids: list[int]) -> Iterator[list[int]]:
-        piece = self.max_seq_len - 3
-        for start in range(0, max(len(ids), 1), piece):
-            yield ids[start: start + piece]
 
     def _next_document_examples(self) -> None:
         """Read forward to this rank's next document and pack it into self.pending."""
@@ -440,12 +470,14 @@ class ExampleStream:
                 if not mine:
                     continue
                 encoded = self.tokenizer(sentences, add_special_tokens=False, verbose=False)["input_ids"]
+                document: list[int] = []
+                spans = []
                 for ids in encoded:
-                    for piece in self._split(ids):
-                        if piece and (example := self.builder.add_sentence(piece)):
-                            self.pending.append(example)
-                if example := self.builder.end_document():
-                    self.pending.append(example)
+                    spans.append((len(document), len(document) + len(ids)))
+                    document += ids
+                self.pending += [([i for s, e in first for i in document[s:e]],
+                                  [i for s, e in second for i in document[s:e]])
+                                 for first, second, _, _ in self.builder.add_document(spans)]
                 if self.pending:
                     self.epoch_examples += len(self.pending)
                     return
@@ -466,27 +498,28 @@ class ExampleStream:
         self.buffer[index], self.buffer[-1] = self.buffer[-1], self.buffer[index]
         return self.buffer.pop()
 
-    def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
-        """input_ids, token_type_ids, attention_mask: (batch_size, max_seq_len) int64, padded with [PAD].
+    @staticmethod
+    def example_length(example: tuple[list[int], list[int]]) -> int:
+        """Slots the example takes in a row: [CLS] A [SEP] (B [SEP])."""
+        first, second = example
+        return len(first) + len(second) + (3 if second else 2)
 
-        The eval split's last batch may have fewer rows; after it, EndOfSplit.
-        """
-        examples = []
-        try:
-            while len(examples) < batch_size:
-                examples.append(self.next_example())
-        except EndOfSplit:
-            if not examples:
-                raise
-        input_ids = torch.full((len(examples), self.max_seq_len), self.pad_id, dtype=torch.long)
-        token_type_ids = torch.zeros_like(input_ids)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, (first, second) in enumerate(examples):
-            ids = [self.cls_id, *first, self.sep_id] + ([*second, self.sep_id] if second else [])
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            token_type_ids[row, len(first) + 2: len(ids)] = 1
-            attention_mask[row, : len(ids)] = 1
-        return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+    @staticmethod
+    def materialize(example: tuple[list[int], list[int]]) -> tuple[list[list[int]], list[list[int]], int, int]:
+        """The ids of segments A and B, each as a list of pieces (one here), and their lengths."""
+        first, second = example
+        return [first], [second] if second else [], len(first), len(second)
+
+    @staticmethod
+    def restore_example(item) -> tuple[list[int], list[int]]:
+        return list(item[0]), list(item[1])
+
+    def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """input_ids, token_type_ids, attention_mask: (batch_size, max_seq_len) int64, one example per row, padded
+        with [PAD] (`packing.Batcher` packs rows and keeps a resumable pool)."""
+        from .packing import Batcher
+
+        return Batcher(self, self.max_seq_len, self.cls_id, self.sep_id, self.pad_id).next_batch(batch_size)
 
 
 def special_ids(tokenizer) -> list[int]:
@@ -494,13 +527,14 @@ def special_ids(tokenizer) -> list[int]:
 
 
 class Prefetcher:
-    """Builds the next batches of `stream` in a background thread, so that tokenizing and packing overlap the step.
+    """Builds the next batches of `stream` (anything with next_batch(batch_size) and state_dict(): a
+    `packing.Batcher`) in a background thread, so that reading, tokenizing and packing overlap the step.
 
     `state_dict()` is the stream's position after the last batch *taken*, not after the batches built ahead: a
     checkpoint resumes at the first batch the training loop has not seen.
     """
 
-    def __init__(self, stream: ExampleStream, batch_size: int, depth: int = 2):
+    def __init__(self, stream: "Batcher", batch_size: int, depth: int = 2):
         self.stream = stream
         self.batch_size = batch_size
         self.state = stream.state_dict()

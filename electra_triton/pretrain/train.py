@@ -27,14 +27,18 @@ from .data import (
     ExampleStream,
     Prefetcher,
     check_tokenizer,
+    count_documents,
     load_tokenizer,
     resolve_corpus,
     special_ids,
     train_tokenizer,
 )
-from .evaluate import Evaluator, plan_evaluation
+from .evaluate import EvalPlan, Evaluator, plan_evaluation
 from .metrics import EVAL_KEYS, MetricsLog, tensorboard_writer
-from .model import ElectraPretrainer, build_models, flops_per_token, linear_schedule, parameter_groups, peak_flops
+from .model import ElectraPretrainer, accepts_unpad_plan, build_models, flops_per_token, peak_flops
+from .packing import Batcher
+from .shards import DataError, ShardExampleStream, open_dataset
+from .step import TrainStep, autocast_for, build_optimizer, build_scheduler
 
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
@@ -149,6 +153,23 @@ def prepare_tokenizer(cfg: PretrainConfig, runtime: Runtime, sources, say):
     return tokenizer if runtime.main else load_tokenizer(str(folder))
 
 
+def choose_packing(cfg: PretrainConfig, use_kernels: bool, plan: bool, say) -> bool:
+    """--packing auto: on, except with kernels whose encoder takes no unpad_plan: their fused attention reads a 4D
+    mask as a key-padding mask, so a block-diagonal one cannot keep packed examples apart there."""
+    if cfg.packing == "off":
+        say("packing: off, one example per row (--packing off)")
+        return False
+    if use_kernels and not plan:
+        if cfg.packing == "on":
+            raise RunError("--packing on: these kernels' encoder takes no unpad_plan, so packed examples could not be "
+                           "kept apart; use --packing off (or auto), or --kernels reference")
+        say("packing: off: the kernels' encoder takes no unpad_plan here (--packing auto)")
+        return False
+    how = "cu_seqlens through the encoder's unpad_plan" if plan else "a block-diagonal attention mask"
+    say(f"packing: on, several examples per row of {cfg.max_seq_len}, each attending to itself ({how})")
+    return True
+
+
 def shard_model(model: ElectraPretrainer) -> torch.nn.Module:
     """FSDP2: one unit per transformer layer of both models, the rest (shared embeddings, heads) in the root unit."""
     try:
@@ -182,12 +203,15 @@ class Trainer:
                 tensorboard_writer()
             except ValueError as error:
                 raise RunError(str(error)) from error
-        sources = resolve_corpus(cfg.corpus)
+        if cfg.data:
+            dataset = open_dataset(cfg.data, load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None)
+        else:
+            sources = resolve_corpus(cfg.corpus)
         use_kernels = select_kernels(cfg, rt.device, self.say)
         if rt.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / RUN_CONFIG).write_text(json.dumps(cfg.to_json(), indent=1))
-        self.tokenizer = prepare_tokenizer(cfg, rt, sources, self.say)
+        self.tokenizer = dataset.tokenizer if cfg.data else prepare_tokenizer(cfg, rt, sources, self.say)
         check_tokenizer(self.tokenizer, cfg.tokenizer or str(self.out / "tokenizer"))
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -197,14 +221,27 @@ class Trainer:
         if use_kernels:
             electra_triton.patch(generator)
             electra_triton.patch(discriminator)
+        plan = use_kernels and accepts_unpad_plan(generator)
+        packing = choose_packing(cfg, use_kernels, plan, self.say)
         self.model = ElectraPretrainer(
             generator, discriminator, special_ids(self.tokenizer), self.tokenizer.mask_token_id, cfg.mask_prob,
-            cfg.mask_token_prob, cfg.random_token_prob, cfg.rtd_weight, cfg.temperature, cfg.max_seq_len,
+            cfg.mask_token_prob, cfg.random_token_prob, cfg.rtd_weight, cfg.temperature, cfg.max_seq_len, packing,
         ).to(rt.device)
-        plan = plan_evaluation(cfg.eval_docs, cfg.eval_corpus, sources, self.say)
-        self.stream = ExampleStream(sources, self.tokenizer, cfg.max_seq_len, cfg.seed, rt.rank, rt.world_size,
-                                    cfg.shuffle_buffer, held_out_docs=plan.train_held_out)
-        self.evaluator = self._build_evaluator(plan)
+        eval_plan = plan_evaluation(
+            cfg.eval_docs, cfg.eval_corpus,
+            (lambda limit: min(dataset.num_documents, limit)) if cfg.data else
+            (lambda limit: count_documents(sources, limit)), self.say)
+        held_out = eval_plan.train_held_out
+        if cfg.data:
+            stream = ShardExampleStream(dataset, cfg.max_seq_len, cfg.seed, rt.rank, rt.world_size, cfg.shuffle_buffer,
+                                        held_out_docs=held_out)
+        else:
+            stream = ExampleStream(sources, self.tokenizer, cfg.max_seq_len, cfg.seed, rt.rank, rt.world_size,
+                                   cfg.shuffle_buffer, held_out_docs=held_out)
+        self.stream = Batcher(stream, cfg.max_seq_len, self.tokenizer.cls_token_id, self.tokenizer.sep_token_id,
+                              self.tokenizer.pad_token_id, packing, cfg.mask_prob, plan=plan)
+        self.evaluator = self._build_evaluator(eval_plan, dataset if cfg.data else None, sources if not cfg.data
+                                               else None, plan)
         if not plots.available():
             self.say("plots: matplotlib is not installed, so no PNGs under plots/ (pip install matplotlib)")
         self.step = 0
@@ -231,10 +268,9 @@ class Trainer:
                 self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
         else:
             self.wrapped = self.model
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           linear_schedule(cfg.warmup_steps, cfg.max_steps))
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
+                                         cfg.adam_eps, rt.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.max_steps)
         if state is not None:
             if cfg.fsdp:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -254,26 +290,38 @@ class Trainer:
         else:
             # Masking, sampling and dropout differ per rank; the weights were initialised identically above.
             torch.manual_seed(cfg.seed * 1000 + 1 + rt.rank)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if rt.device.type == "cuda" and cfg.precision in ("auto", "bf16")
-                         else torch.autocast("cpu", dtype=torch.bfloat16) if cfg.precision == "bf16"
-                         else contextlib.nullcontext())
+        self.autocast = autocast_for(rt.device, cfg.precision)
+        self.train_step = TrainStep(self.wrapped, self.optimizer, self.scheduler, max_grad_norm=cfg.max_grad_norm,
+                                    autocast=self.autocast,
+                                    parameters=self.model.parameters())
         gen_cfg, disc_cfg = self.configs
         self.flops_per_token = flops_per_token(disc_cfg, gen_cfg, cfg.max_seq_len, cfg.mask_prob)
         self.peak = peak_flops(rt.device)
 
-    def _build_evaluator(self, plan) -> Evaluator | None:
+    def _build_evaluator(self, eval_plan: EvalPlan, dataset, sources, unpad: bool) -> Evaluator | None:
         cfg, rt = self.cfg, self.rt
-        if plan.docs == 0:
+        if eval_plan.docs == 0:
             return None
-        evaluator = Evaluator.build(plan, self.tokenizer, cfg.max_seq_len, cfg.batch_size, len(self.tokenizer),
-                                    cfg.seed, rt.rank, rt.world_size, rt.device, rt.distributed)
-        where = "of --eval-corpus" if cfg.eval_corpus else "held out of the corpus, never trained on"
-        if evaluator is None:
-            self.say(f"evaluation is off: the {plan.docs} documents {where} hold no text")
+        split = {"held_out_docs": eval_plan.docs, "split": "eval"}
+        if eval_plan.eval_sources is not None:
+            stream = ExampleStream(eval_plan.eval_sources, self.tokenizer, cfg.max_seq_len, cfg.seed, rt.rank,
+                                   rt.world_size, **split)
+        elif dataset is not None:
+            stream = ShardExampleStream(dataset, cfg.max_seq_len, cfg.seed, rt.rank, rt.world_size, 1, **split)
         else:
-            self.say(f"evaluation: every {cfg.eval_every} steps and at the end, on the first {plan.docs} documents "
-                     f"{where} ({evaluator.num_examples} examples" + (" on rank 0)" if rt.distributed else ")"))
+            stream = ExampleStream(sources, self.tokenizer, cfg.max_seq_len, cfg.seed, rt.rank, rt.world_size, **split)
+        # One example per row: evaluation needs no packing, and its batches are built once.
+        batcher = Batcher(stream, cfg.max_seq_len, self.tokenizer.cls_token_id, self.tokenizer.sep_token_id,
+                          self.tokenizer.pad_token_id, False, cfg.mask_prob, plan=unpad)
+        evaluator = Evaluator.build(stream, batcher, cfg.batch_size, cfg.max_seq_len, len(self.tokenizer), cfg.seed,
+                                    rt.device, rt.distributed)
+        where = "of --eval-corpus" if cfg.eval_corpus else "held out of the training data, never trained on"
+        if evaluator is None:
+            self.say(f"evaluation is off: the {eval_plan.docs} documents {where} hold no text")
+        else:
+            self.say(f"evaluation: every {cfg.eval_every} steps and at the end, on the first {eval_plan.docs} "
+                     f"documents {where} ({evaluator.num_examples} examples" + (" on rank 0)" if rt.distributed
+                                                                                else ")"))
         return evaluator
 
     def evaluate(self) -> dict[str, Any]:
@@ -381,46 +429,32 @@ class Trainer:
     def _loop(self) -> int:
         cfg, rt = self.cfg, self.rt
         self.wrapped.train()
-        keys = ("loss", "mlm_loss", "rtd_loss", "mlm_correct", "mlm_count", "rtd_correct", "rtd_count")
-        window = torch.zeros(len(keys) + 1, device=rt.device, dtype=torch.float64)  # + micro-steps
-        tokens_per_step = cfg.batch_size * cfg.max_seq_len * cfg.grad_accum * rt.world_size
+        slots_per_step = cfg.batch_size * cfg.max_seq_len * cfg.grad_accum * rt.world_size
+        run_tokens = run_slots = 0.0  # real tokens and row slots of the logged steps, for the summary
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not rt.main, unit="step", dynamic_ncols=True,
                    desc="pretrain")
         metrics_log = MetricsLog(self.out / METRICS, self.out / "tensorboard" if cfg.report_to == "tensorboard"
                                  else None, self.step) if rt.main else None
         started, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
-        first_step, last, last_eval = self.step, {}, {}
+        first_step, last, last_eval, run_seconds = self.step, {}, {}, 0.0
         try:
             while self.step < cfg.max_steps:
                 lr = self.scheduler.get_last_lr()[0]
-                for micro in range(cfg.grad_accum):
-                    batch = {k: v.to(rt.device, non_blocking=True) for k, v in self.data.next_batch().items()}
-                    sync = micro == cfg.grad_accum - 1
-                    no_sync = self.wrapped.no_sync() if isinstance(
-                        self.wrapped, torch.nn.parallel.DistributedDataParallel) and not sync else \
-                        contextlib.nullcontext()
-                    if cfg.fsdp:
-                        self.wrapped.set_requires_gradient_sync(sync)
-                    with no_sync:
-                        with self.autocast:
-                            out = self.wrapped(**batch)
-                        (out["loss"] / cfg.grad_accum).backward()
-                    window += torch.stack([out[k].detach().double() for k in keys] + [window.new_ones(())])
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self.train_step([self.data.next_batch() for _ in range(cfg.grad_accum)])
                 self.step += 1
                 window_steps += 1
                 bar.update(1)
 
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    if rt.distributed:
-                        dist.all_reduce(window)
-                    values = dict(zip(keys, window.tolist(), strict=False))
-                    micro_steps = window[-1].item()
+                    values = self.train_step.read_metrics()  # the loop's one host sync, on logging steps only
+                    micro_steps = values["micro_steps"]
                     elapsed = time.perf_counter() - window_start
-                    tokens_per_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
+                    # Real tokens only (rtd_count counts the tokens that are not padding): packed or not, honest.
+                    tokens_per_s = values["rtd_count"] / max(elapsed, 1e-9)
+                    fill = values["rtd_count"] / (slots_per_step * window_steps)
+                    run_tokens += values["rtd_count"]
+                    run_slots += slots_per_step * window_steps
+                    run_seconds += elapsed
                     last = {
                         "step": self.step,
                         "split": "train",
@@ -429,18 +463,20 @@ class Trainer:
                         "rtd_loss": values["rtd_loss"] / micro_steps,
                         "mlm_acc": values["mlm_correct"] / max(values["mlm_count"], 1),
                         "rtd_acc": values["rtd_correct"] / max(values["rtd_count"], 1),
+                        "grad_norm": values["grad_norm"],
                         "lr": lr,
                         "tokens_per_s": tokens_per_s,
+                        "fill": fill,
                     }
                     postfix = {"loss": f"{last['loss']:.3f}", "mlm_acc": f"{last['mlm_acc']:.3f}",
-                               "rtd_acc": f"{last['rtd_acc']:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+                               "rtd_acc": f"{last['rtd_acc']:.3f}", "tok/s": f"{tokens_per_s:,.0f}",
+                               "fill": f"{fill:.0%}"}
                     if self.peak:
                         last["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * rt.world_size)
                         postfix["mfu"] = f"{last['mfu']:.1%}"
                     bar.set_postfix(postfix, refresh=False)
                     if metrics_log:
                         metrics_log.write(last)
-                    window.zero_()
                     window_start, window_steps = time.perf_counter(), 0
 
                 if self.evaluator and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
@@ -471,7 +507,8 @@ class Trainer:
         if rt.main:
             out = self.out.resolve()
             minutes, seconds = divmod(time.perf_counter() - started, 60)
-            summary = f"loss {last['loss']:.3f}, MLM acc {last['mlm_acc']:.3f}, RTD acc {last['rtd_acc']:.3f}" \
+            summary = f"loss {last['loss']:.3f}, MLM acc {last['mlm_acc']:.3f}, RTD acc {last['rtd_acc']:.3f}, " \
+                f"{run_tokens / max(run_seconds, 1e-9):,.0f} real tokens/s, fill {run_tokens / run_slots:.1%}" \
                 if last else "no step taken"
             held_out = ""
             if last_eval:
@@ -518,6 +555,6 @@ def main(argv: list[str] | None = None) -> int:
                 saved = json.loads(path.read_text())
                 saved["resume"] = True
         return run(parse_args(argv, saved))
-    except (RunError, CorpusError, ValueError) as error:
+    except (RunError, CorpusError, DataError, ValueError) as error:
         print(f"electra-triton pretrain: error: {error}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from .ops.attention import attention, attention_varlen, pad_input, unpad_input
+from ..ops.attention import attention, attention_varlen, pad_input, unpad_input
 
 NAME = "electra_triton"
 # Unpadding costs a gather of q, k, v and a scatter of the output per layer; attention saved grows with the padding.
