@@ -93,13 +93,17 @@ def _time_passes(bench, impl, fn, input_sets, case, dtype, flops_fwd, **extra) -
     ]
 
 
-def padded_cases(bench: Bench, dtype: torch.dtype) -> list[dict]:
+def padded_cases(bench: Bench, dtype: torch.dtype, seqlens: tuple[int, ...] | None = None,
+                 variants: tuple[tuple[bool, float], ...] | None = None) -> list[dict]:
+    """Every (L, mask?, dropout) case, or the given `seqlens` and `variants` ((has_mask, dropout_p) pairs) only."""
     tokens, heads, head_dim = (64, 2, 32) if bench.toy else (16384, 12, 64)
     rows = []
-    for seqlen in ((16, 32) if bench.toy else (128, 512, 1024)):
+    for seqlen in seqlens or ((16, 32) if bench.toy else (128, 512, 1024)):
         batch = tokens // seqlen
         for has_mask in (False, True):
             for dropout_p in (0.0, DROPOUT):
+                if variants and (has_mask, dropout_p) not in variants:
+                    continue
                 variant = " ".join(word for word, on in (("mask", has_mask), ("dropout", dropout_p > 0)) if on)
                 case = f"L={seqlen} {variant}".strip()
                 input_sets = []

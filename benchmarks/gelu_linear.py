@@ -34,8 +34,10 @@ def make_inputs(bench: Bench, n_rows: int, K: int, N: int, dtype: torch.dtype) -
     return x, weight, bias
 
 
-def run(bench: Bench) -> list[dict]:
-    n_rows, shapes = (64, [(40, 24), (32, 48)]) if bench.toy else (16384, SHAPES)
+def run(bench: Bench, shapes: list[tuple[int, int]] | None = None) -> list[dict]:
+    """Every (K, N) of SHAPES (TOY: two small ones), or the given `shapes` only."""
+    n_rows, default_shapes = (64, [(40, 24), (32, 48)]) if bench.toy else (16384, SHAPES)
+    shapes = shapes or default_shapes
     impls = [("electra_triton", gelu_linear), ("eager", eager)]
     notes = {}
     if bench.device.type == "cuda":

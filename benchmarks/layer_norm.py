@@ -42,8 +42,10 @@ def make_inputs(bench: Bench, n_rows: int, hidden: int, residual: bool, dtype: t
             tensor(hidden, fill=0.0, dtype=param_dtype))
 
 
-def run(bench: Bench) -> list[dict]:
-    n_rows, sizes = (64, [40, 256]) if bench.toy else (16384, [256, 768, 1024])
+def run(bench: Bench, sizes: list[int] | None = None) -> list[dict]:
+    """Every hidden size (TOY: two small ones), or the given `sizes` only."""
+    n_rows, default_sizes = (64, [40, 256]) if bench.toy else (16384, [256, 768, 1024])
+    sizes = sizes or default_sizes
     impls = [("electra_triton", ours), ("eager", eager)]
     if bench.device.type == "cuda":
         impls.append(("torch.compile", torch.compile(eager, dynamic=False)))

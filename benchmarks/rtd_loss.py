@@ -20,8 +20,9 @@ def hf_rtd_loss(hidden, weight, bias, labels, attention_mask):
     return F.binary_cross_entropy_with_logits(logits.view(-1, hidden.shape[1])[active], labels[active].float())
 
 
-def run(bench: Bench) -> list[dict]:
-    shapes = [(2, 16, 64)] if bench.toy else [(32, 512, 768), (32, 512, 1024)]
+def run(bench: Bench, shapes: list[tuple[int, int, int]] | None = None) -> list[dict]:
+    """Every (B, L, H) (TOY: a small one), or the given `shapes` only."""
+    shapes = shapes or ([(2, 16, 64)] if bench.toy else [(32, 512, 768), (32, 512, 1024)])
     rows = []
     for (batch, seq_len, hidden_size), dtype in [(s, d) for s in shapes for d in bench.dtypes]:
         def make_inputs(batch=batch, seq_len=seq_len, hidden_size=hidden_size, dtype=dtype):

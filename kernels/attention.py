@@ -19,20 +19,21 @@ contention on short sequences (L = 128 gives one or two key blocks, so atomics w
 Not measured against the atomic variant yet (no GPU at hand when written, 2026-11-22).
 
 Dropout: counter-based Philox (`tl.philox`) keyed by the host-drawn seed, with 8-bit draws as FlashAttention-2: one
-call returns four 32-bit words = 16 bytes, one byte per key of 16 adjacent keys. Counters are (row * max_seqlen +
-column / 16, batch * H + head, offset, 0), so forward, dK/dV and dQ regenerate the identical keep-mask from position
-alone, whatever their tile shapes, and the forward can write that mask for tests (WRITE_KEEP, debug only:
-(B, H, max_seqlen, max_seqlen) int8). An element is kept when its byte is >= t = min(round(p * 256), 255), i.e. with
-probability exactly 1 - t / 256, and kept probabilities are scaled by 1 / (1 - t / 256): the expectation is exact for
-the quantised probability p' = t / 256 (p is rounded to a multiple of 1/256, at most 1/512 away; p < 1/512 drops
-nothing). This costs a sixteenth of the Philox calls of one 32-bit draw per element, and its state lives on a
-(BLOCK_M, BLOCK_N / 16) tile.
+call returns four 32-bit words = 16 bytes, one byte per query of 16 adjacent queries of one key. Counters are
+(key * max_seqlen + query / 16, batch * H + head, offset, 0), so forward, dK/dV and dQ regenerate the identical
+keep-mask from position alone, whatever their tile shapes, and the forward can write that mask for tests (WRITE_KEEP,
+debug only: (B, H, max_seqlen, max_seqlen) int8). The mask is built key-major, the dK/dV pass's orientation (it has
+the fewest registers to spare); the forward and dQ pass transpose it. An element is kept when its byte is
+>= t = min(round(p * 256), 255), i.e. with probability exactly 1 - t / 256, and kept probabilities are scaled by
+1 / (1 - t / 256): the expectation is exact for the quantised probability p' = t / 256 (p is rounded to a multiple of
+1/256, at most 1/512 away; p < 1/512 drops nothing). This costs a sixteenth of the Philox calls of one 32-bit draw
+per element, and the generator's state lives on a (BLOCK_N, BLOCK_M / 16) tile.
 
 Varlen (VARLEN=True) is the same kernels: the batch offset comes from cu_seqlens instead of a batch stride, and
 programs past a sequence's end exit at once.
 
 Supports head dims 32, 64 and 128 (HEAD_DIM is the tile width, not masked), any L up to MAX_SEQLEN (edge tiles
-masked; the dropout counter row * L + column / 16 is int32), fp32, fp16 and bf16 with fp32 accumulation always.
+masked; the dropout counter key * L + query / 16 is int32), fp32, fp16 and bf16 with fp32 accumulation always.
 fp32 uses IEEE fp32 for tl.dot, not tf32: fp32 results match a float64 reference to ~1e-6 relative (tf32 would give
 ~1e-3) at the price of running on CUDA cores; fp16/bf16 use tensor cores (HGMMA on sm_90a, HMMA on sm_80). Any
 strides (a unit stride along D is what vectorises the loads). Launch configs are a deterministic function of (head
@@ -57,23 +58,23 @@ _RUNTIME_SCALARS = ["seed", "philox_offset", "drop_threshold", "n_heads", "max_s
 
 
 @triton.jit
-def _dropout_keep(seed, philox_offset, bh, start_m, start_n, max_seqlen, drop_threshold,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) keep-mask of queries start_m.. x keys start_n.. of head `bh` (start_n a multiple of 16).
+def _dropout_keep_t(seed, philox_offset, bh, start_m, start_n, max_seqlen, drop_threshold,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_N, BLOCK_M) keep-mask of keys start_n.. x queries start_m.. of head `bh` (start_m a multiple of 16):
+    transposed, the orientation of the dK/dV pass, which has the fewest registers to spare.
 
-    One Philox call per 16 keys: each of its four 32-bit words gives four of the group's keys a byte each (a fixed
-    assignment, the same in every kernel). The generator's state lives on a sixteenth of the tile, which keeps the
-    backward passes' registers down.
+    One Philox call per key and 16 queries: each of its four 32-bit words gives four of the queries a byte each (a
+    fixed assignment). The generator's state lives on a sixteenth of the tile.
     """
-    rows = start_m + tl.arange(0, BLOCK_M)
-    groups = start_n // 16 + tl.arange(0, BLOCK_N // 16)
-    counter = rows[:, None] * max_seqlen + groups[None, :]  # (BLOCK_M, BLOCK_N // 16)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    groups = start_m // 16 + tl.arange(0, BLOCK_M // 16)
+    counter = cols[:, None] * max_seqlen + groups[None, :]  # (BLOCK_N, BLOCK_M // 16)
     zero = counter * 0
     r0, r1, r2, r3 = tl.philox(seed, counter, zero + bh, zero + philox_offset, zero)
-    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N // 16, 4))
+    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_N, BLOCK_M // 16, 4))
     shifts = 8 * tl.arange(0, 4)
-    draws = (words[:, :, :, None] >> shifts[None, None, None, :]) & 0xFF  # (BLOCK_M, BLOCK_N // 16, 4, 4)
-    return tl.reshape(draws, (BLOCK_M, BLOCK_N)).to(tl.int32) >= drop_threshold
+    draws = (words[:, :, :, None] >> shifts[None, None, None, :]) & 0xFF  # (BLOCK_N, BLOCK_M // 16, 4, 4)
+    return tl.reshape(draws, (BLOCK_N, BLOCK_M)).to(tl.int32) >= drop_threshold
 
 
 @triton.jit
@@ -147,8 +148,8 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            keep = _dropout_keep(seed, philox_offset, pid_bh, start_m, start_n, max_seqlen, drop_threshold,
-                                 BLOCK_M, BLOCK_N)
+            keep = tl.trans(_dropout_keep_t(seed, philox_offset, pid_bh, start_m, start_n, max_seqlen,
+                                            drop_threshold, BLOCK_M, BLOCK_N))
             if WRITE_KEEP:
                 keep_at = keep_ptr + pid_bh.to(tl.int64) * max_seqlen * max_seqlen
                 tl.store(keep_at + rows[:, None] * max_seqlen + cols[None, :], keep.to(tl.int8),
@@ -244,8 +245,8 @@ def _attn_bwd_dkdv_kernel(
         p_t = tl.math.exp2(s_t - lse[None, :])
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # dO V^T, transposed
         if DROPOUT:
-            keep_t = tl.trans(_dropout_keep(seed, philox_offset, pid_bh, start_m, start_n, max_seqlen,
-                                            drop_threshold, BLOCK_M, BLOCK_N))
+            keep_t = _dropout_keep_t(seed, philox_offset, pid_bh, start_m, start_n, max_seqlen, drop_threshold,
+                                     BLOCK_M, BLOCK_N)
             p_dropped_t = tl.where(keep_t, p_t * keep_scale, 0.0)
             dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
         else:
@@ -309,8 +310,8 @@ def _attn_bwd_dq_kernel(
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, philox_offset, pid_bh, start_m, start_n, max_seqlen, drop_threshold,
-                                 BLOCK_M, BLOCK_N)
+            keep = tl.trans(_dropout_keep_t(seed, philox_offset, pid_bh, start_m, start_n, max_seqlen,
+                                            drop_threshold, BLOCK_M, BLOCK_N))
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)

@@ -1,7 +1,7 @@
 """Fused dropout + residual add + LayerNorm: y = LayerNorm(dropout(x) + residual) over the last dim, with its backward.
 
 Forward: one pass per block of rows (BLOCK_M rows x the whole hidden dim in registers): the dropout keep-mask comes
-from Philox, all four 32-bit outputs of each call used (`tl.rand4x(seed, offset + row * N + col / 4)` for columns
+from Philox, all four 32-bit outputs of each call used (counters (offset + col / 4, row, 0, 0) for columns
 col..col+3: a quarter of the calls of one `tl.rand` per element), an element is kept when its uniform draw is >= p,
 kept elements are scaled by 1 / (1 - p), the residual is added,
 mean and variance are taken in fp32, and y, mean and rstd (fp32, per row) are written. Neither the mask nor the sum
@@ -33,6 +33,13 @@ MAX_HIDDEN = 16384
 
 
 @triton.jit
+def _uniform(draw):
+    """A 32-bit Philox draw -> float in [0, 1), as tl.rand converts it."""
+    draw = draw.to(tl.int32, bitcast=True)
+    return tl.where(draw < 0, ~draw, draw).to(tl.float32) * 4.6566127342e-10
+
+
+@triton.jit
 def _h_and_keep(
     x_ptr, res_ptr, rows, cols, tile_ok, n_cols, stride_xm, stride_rm, dropout_p, seed, offset,
     HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -42,9 +49,12 @@ def _h_and_keep(
     keep = tile_ok
     if HAS_DROPOUT:
         groups = tl.arange(0, BLOCK_N // 4)  # cols is 0..BLOCK_N-1: columns 4g..4g+3 share one Philox call
-        u0, u1, u2, u3 = tl.rand4x(seed, offset + rows[:, None] * n_cols + groups[None, :])
-        uniform = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), (BLOCK_M, BLOCK_N))
-        keep = uniform >= dropout_p
+        # Counters (offset + column group, row) stay 32-bit: a flat offset + row * n_cols needed 64-bit arithmetic,
+        # which cost the backward 8 bytes of stack on sm_90a.
+        zero = tl.zeros((BLOCK_M, BLOCK_N // 4), dtype=tl.int32)
+        r0, r1, r2, r3 = tl.philox(seed, zero + offset + groups[None, :], zero + rows[:, None].to(tl.int32), zero, zero)
+        keep = tl.reshape(tl.join(tl.join(_uniform(r0) >= dropout_p, _uniform(r1) >= dropout_p),
+                                  tl.join(_uniform(r2) >= dropout_p, _uniform(r3) >= dropout_p)), (BLOCK_M, BLOCK_N))
         x = tl.where(keep, x / (1.0 - dropout_p), 0.0)
     if HAS_RESIDUAL:
         x += tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)

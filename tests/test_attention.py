@@ -133,11 +133,11 @@ def test_keep_rate(p):
     assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5, rate
     heads = keep.reshape(4, -1).float()
     assert not any(torch.equal(heads[i], heads[j]) for i in range(4) for j in range(i))  # independent streams
-    # Neighbouring keys take different bytes of one Philox call: kept together at the independent rate.
-    both = (keep[..., 1:] & keep[..., :-1]).float()
+    # Neighbouring queries of a key take different bytes of one Philox call: kept together at the independent rate.
+    both = (keep[..., 1:, :] & keep[..., :-1, :]).float()
     expected = (1 - p) ** 2
     assert abs(both.mean().item() - expected) < 5 * (expected * (1 - expected) / both.numel()) ** 0.5
-    by_position = keep.reshape(-1, 3, 16).float().mean(dim=(0, 1))  # each byte position of a 16-key group
+    by_position = keep.transpose(-1, -2).reshape(-1, 3, 16).float().mean(dim=(0, 1))  # each byte of a call
     assert (by_position - (1 - p)).abs().max() < 5 * (p * (1 - p) / (n / 16)) ** 0.5, by_position
 
 

@@ -168,6 +168,7 @@ def test_unsupported_head_dim_runs_the_reference():
         out = attention_qkvpacked(leaf.view(batch, seqlen, 3, HEADS, head_dim))
     q, k, v = leaf.view(batch, seqlen, 3, HEADS, head_dim).unbind(2)
     torch.testing.assert_close(out, attention_reference(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2))
+    assert out.is_contiguous()  # as the kernel's output: the patched layer .view()s it
     out.sum().backward()
     assert leaf.grad.shape == leaf.shape and leaf.grad.abs().sum() > 0
 

@@ -403,7 +403,7 @@ def _qkvpacked(
         dropout_p = quantized_attention_dropout_p(dropout_p) if write_keep else dropout_p
         keep = torch.rand((batch, heads, seqlen, seqlen), device=q.device) >= dropout_p if write_keep else None
         out = attention_reference(q, k, v, attention_mask, dropout_p, scale, dropout_mask=keep)
-        return out.transpose(1, 2), keep
+        return out.transpose(1, 2).contiguous(), keep  # contiguous as the kernel's: callers .view it
     write_keep = write_keep and dropout_p > 0.0
     out, _, keep = _qkvpacked_forward(qkv, mask, None, seqlen, scale, dropout_p, philox_rng_state(dropout_p),
                                       write_keep)
