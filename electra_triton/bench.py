@@ -25,8 +25,18 @@ def find_checkout() -> pathlib.Path | None:
     return None
 
 
+def _suite_module(root: pathlib.Path, name: str) -> str | None:
+    """The module whose main(argv) runs suite `name`: benchmarks/<name>.py, or the package benchmarks/<name>/ whose
+    __main__ imports main from its runner."""
+    if (root / "benchmarks" / f"{name}.py").is_file():
+        return f"benchmarks.{name}"
+    if (root / "benchmarks" / name / "runner.py").is_file():
+        return f"benchmarks.{name}.runner"
+    return None
+
+
 def available_suites(root: pathlib.Path) -> list[str]:
-    return [name for name in SUITES if (root / "benchmarks" / f"{name}.py").is_file()]
+    return [name for name in SUITES if _suite_module(root, name)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,4 +52,4 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    return importlib.import_module(f"benchmarks.{argv[0]}").main(argv[1:])
+    return importlib.import_module(_suite_module(root, argv[0])).main(argv[1:])
