@@ -85,7 +85,9 @@ def test_backward_writes_one_gradient_buffer():
     custom op whose output is the qkv gradient, and the output reshapes to (B, L, H * D) without a copy."""
     batch, seqlen = 1, 8
     leaf, qkv = projection_output(batch, seqlen, torch.float32)
-    out = attention_qkvpacked(qkv)
+    with OpTrace() as forward:
+        out = attention_qkvpacked(qkv)
+    assert forward.counts() == {"electra_triton::attention_qkvpacked_forward": 1}, forward.counts()  # no L x L mask
     flat = out.reshape(batch, seqlen, HEADS * HEAD_DIM)
     assert flat.data_ptr() == out.data_ptr() and flat._base is out
     grad = torch.ones_like(out)

@@ -1,14 +1,19 @@
-"""A patched model under DistributedDataParallel: 2 CPU processes (gloo) match one process on the whole batch."""
+"""A patched model, kernels on (Triton interpreter), under DistributedDataParallel and FSDP2: 2 CPU processes (gloo)
+match one process on the whole batch, and every fused forward of the model ran in them."""
 
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
 from transformers import ElectraConfig, ElectraForPreTraining
 
 import electra_triton
+from electra_triton.tracing import OpTrace
 
 STEPS = 2
 
@@ -35,17 +40,25 @@ def _batches() -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def _train(model, batches, rank=0, world=1) -> list[float]:
+# The model's fused forwards: attention on the packed QKV projection, LayerNorm (dropout + residual +
+# LayerNorm), GELU-linear, RTD loss.
+FUSED_FORWARDS = {"electra_triton::attention_qkvpacked_forward", "electra_triton::gelu_linear_forward",
+                  "electra_triton::dropout_add_layer_norm_forward", "electra_triton::rtd_loss_forward"}
+
+
+def _train(model, batches, rank=0, world=1) -> set[str]:
+    """Train on this rank's rows of each batch; the names of the electra_triton ops that ran."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    losses = []
+    ran = set()
     for batch in batches:
         shard = {k: v[rank * 4 // world:(rank + 1) * 4 // world] for k, v in batch.items()}
-        loss = model(**shard).loss
-        optimizer.zero_grad()
-        loss.backward()
+        with OpTrace() as trace:
+            loss = model(**shard).loss
+            optimizer.zero_grad()
+            loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-    return losses
+        ran |= {name for name in trace.counts() if name.startswith("electra_triton::")}
+    return ran
 
 
 def _worker(rank: int, port: int, folder: str) -> None:
@@ -53,9 +66,15 @@ def _worker(rank: int, port: int, folder: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         model = torch.nn.parallel.DistributedDataParallel(_model())
-        _train(model, _batches(), rank, 2)
-        if rank == 0:
-            torch.save(model.module.state_dict(), os.path.join(folder, "ddp.pt"))
+        ran = _train(model, _batches(), rank, 2)
+        torch.save({"state": model.module.state_dict(), "ran": ran}, os.path.join(folder, f"ddp{rank}.pt"))
+        sharded = _model()
+        for layer in sharded.electra.encoder.layer:
+            fully_shard(layer)
+        fully_shard(sharded)
+        ran = _train(sharded, _batches(), rank, 2)
+        state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))  # collective
+        torch.save({"state": state, "ran": ran}, os.path.join(folder, f"fsdp{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -66,13 +85,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_ddp_two_cpu_processes_match_one(tmp_path):
+@pytest.mark.slow
+def test_ddp_and_fsdp_two_cpu_processes_match_one(tmp_path):
     # Each rank's loss is the mean over its own active tokens; with equal active counts per shard, DDP's gradient
     # average equals the single-process gradient of the mean over the whole batch.
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     single = _model()
     batches = _batches()
     _train(single, batches)
-    ddp_state = torch.load(tmp_path / "ddp.pt")
-    for name, value in single.state_dict().items():
-        torch.testing.assert_close(ddp_state[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    for mode in ("ddp", "fsdp"):
+        for rank in range(2):
+            result = torch.load(tmp_path / f"{mode}{rank}.pt")
+            assert result["ran"] >= FUSED_FORWARDS, (mode, rank, FUSED_FORWARDS - result["ran"])
+            for name, value in single.state_dict().items():
+                torch.testing.assert_close(result["state"][name], value, rtol=1e-4, atol=1e-5,
+                                           msg=f"{mode} rank {rank} {name}")

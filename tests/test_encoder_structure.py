@@ -221,9 +221,14 @@ def test_bad_unpad_plan_names_the_argument():
         patched(ids, attention_mask=mask, unpad_plan=plan._replace(max_seqlen=-1))
     with pytest.raises(ValueError, match="attention_mask"):
         patched(ids, attention_mask=mask, cu_seq_lens_q=plan.cu_seqlens, max_length_q=5)
-    unfused = electra_triton.patch(ElectraModel(_config()).to(DEVICE), attention=False)
+    # Without fused attention a plan of padding only says what the mask says; packed rows cannot be kept apart.
+    unfused = electra_triton.patch(ElectraModel(_config()).to(DEVICE).eval(), attention=False)
+    torch.testing.assert_close(unfused(ids, attention_mask=mask, unpad_plan=plan).last_hidden_state,
+                               unfused(ids, attention_mask=mask).last_hidden_state)
     with pytest.raises(ValueError, match="unpad_plan"):
-        unfused(ids, attention_mask=mask, unpad_plan=plan)
+        unfused(ids, attention_mask=mask, unpad_plan=ops.unpad_plan(mask, torch.zeros_like(mask)))
+    with pytest.raises(TypeError, match="unpad_plan must be"):
+        unfused(ids, attention_mask=mask, unpad_plan=(plan.indices, plan.cu_seqlens))
 
 
 @pytest.mark.parametrize("plan_from", ["caller", "mask"])

@@ -71,6 +71,20 @@ def test_single_grad_paths_and_no_grad():
     torch.testing.assert_close(weight.grad, w64.grad.float(), rtol=1e-5, atol=1e-5)
 
 
+def test_backward_fills_no_zero_gradient_for_the_saved_pre_activation():
+    from electra_triton.tracing import OpTrace
+
+    x, weight, bias = _inputs((6,), 32, 16, torch.float32)
+    x.requires_grad_()
+    y = gelu_linear(x, weight, bias)
+    with OpTrace() as trace:
+        y.backward(torch.ones_like(y))
+    counts = trace.counts()
+    assert not {"aten::zeros", "aten::zeros_like", "aten::fill_", "aten::full", "aten::new_zeros"} & counts.keys(), \
+        counts
+    assert x.grad is not None
+
+
 def test_empty_batch():
     x, weight, bias = _inputs((0,), 40, 24, torch.float32)
     assert gelu_linear(x, weight, bias).shape == (0, 24)

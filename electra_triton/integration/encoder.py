@@ -132,19 +132,25 @@ def _to_padded(tokens: torch.Tensor, plan: ops.UnpadPlan) -> torch.Tensor:
 def encoder_forward(
     self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
     token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-    inputs_embeds: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs],
+    inputs_embeds: torch.Tensor | None = None, unpad_plan: ops.UnpadPlan | None = None,
+    **kwargs: Unpack[TransformersKwargs],
 ) -> BaseModelOutputWithPastAndCrossAttentions | BaseModelOutputWithPoolingAndCrossAttentions | tuple:
-    """ElectraModel / BertModel / RobertaModel.forward, unpadded once (module docstring); `unpad_plan=` accepted."""
-    given_plan = kwargs.pop(PLAN_KEYWORD, None)
+    """ElectraModel / BertModel / RobertaModel.forward, unpadded once (module docstring). unpad_plan: where the
+    real tokens are (`ops.unpad_plan`, built in the data loader), spares the forward's host synchronisation."""
+    given_plan = unpad_plan
     packed = {name: kwargs.pop(name) for name in _PACKED_KEYWORDS if name in kwargs}
     mode = getattr(self, MARK)["encoder"]
     output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
     stock_only = any(kwargs.get(name) is not None for name in ("encoder_hidden_states", "past_key_values", "cache"))
     if mode == "transformers" or output_attentions or stock_only or (
             attention_mask is not None and attention_mask.dim() != 2):
-        if given_plan is not None or packed:
-            raise ValueError(f"{PLAN_KEYWORD} / cu_seq_lens_q need the fused attention (patch(attention=True)), "
-                             "a 2-D attention_mask and output_attentions=False")
+        # transformers' own forward: a plan of padding only is what the mask says already; packed rows it cannot keep
+        # apart.
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        if packed or (given_plan is not None and check_unpad_plan(
+                given_plan, inputs.shape[0], inputs.shape[1], inputs.device).packed):
+            raise ValueError(f"{PLAN_KEYWORD} / cu_seq_lens_q of packed sequences need the fused attention "
+                             "(patch(attention=True)), a 2-D attention_mask and output_attentions=False")
         return type(self).forward(self, input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                   position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
     if (input_ids is None) == (inputs_embeds is None):

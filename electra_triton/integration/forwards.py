@@ -123,11 +123,11 @@ def self_attention_forward(
             tokens = hidden_states.shape[0]
             out = ops.attention_varlen_qkvpacked(qkv.view(tokens, 3, heads, head_dim), unpad_plan.cu_seqlens,
                                                  unpad_plan.max_seqlen, dropout_p, self.scaling)
-            return out.view(tokens, heads * head_dim), None
+            return out.reshape(tokens, heads * head_dim), None
         batch, seqlen = hidden_states.shape[:2]
         real = _key_padding_mask(attention_mask, batch, seqlen)
         out = ops.attention_qkvpacked(qkv.view(batch, seqlen, 3, heads, head_dim), real, dropout_p, self.scaling)
-    return out.view(batch, seqlen, heads * head_dim), None
+    return out.reshape(batch, seqlen, heads * head_dim), None
 
 
 def residual_output_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:

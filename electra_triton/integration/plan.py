@@ -98,8 +98,8 @@ def plan(model: nn.Module, flags: dict[str, Any]) -> tuple[list[tuple[nn.Module,
             # Always bound, so that `unpad_plan=` is either served (fused attention: the encoder unpads once) or
             # refused with an error, never silently ignored (packed rows would attend across sequences).
             attention = next((m for m in module.modules() if isinstance(m, SELF_ATTENTION)), None)
-            served = how(attention, "attention") if attention is not None else None
-            bindings.append((module, encoder.encoder_forward, {"encoder": served or "transformers"}))
+            mode = (how(attention, "attention") if attention is not None else None) or "transformers"
+            bindings.append((module, encoder.encoder_forward, {"encoder": mode}))
             continue
         row = next((row for row in TABLE if isinstance(module, row[0])), None)
         if row is None:

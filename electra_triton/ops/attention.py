@@ -391,10 +391,21 @@ def attention_varlen(
     return _forward(q, k, v, None, cu_seqlens, max_seqlen, scale, dropout_p, rng, False)[0]
 
 
+def _keep_mask(written: torch.Tensor, wanted: bool, dropout_p: float, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The keep-mask a debug entry point returns (all True without dropout); None for the training path, which must
+    not allocate an L x L mask per head."""
+    if not wanted:
+        return None
+    if dropout_p == 0.0:
+        return torch.ones(shape, dtype=torch.bool, device=written.device)
+    return written.view(torch.bool)
+
+
 def _qkvpacked(
     qkv: torch.Tensor, attention_mask: torch.Tensor | None, dropout_p: float, scale: float | None, write_keep: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, L, H, D), keep (B, H, L, L) bool, all True without dropout) of the padded qkv-packed op."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out (B, L, H, D), keep (B, H, L, L) bool, all True without dropout; None unless write_keep) of the padded
+    qkv-packed op."""
     qkv = _check_qkvpacked(qkv, "(B, L, 3, H, D)")
     q, k, v = _split_qkv(qkv)
     mask, dropout_p, scale = _check_padded(q, k, v, attention_mask, dropout_p, scale)
@@ -404,12 +415,9 @@ def _qkvpacked(
         keep = torch.rand((batch, heads, seqlen, seqlen), device=q.device) >= dropout_p if write_keep else None
         out = attention_reference(q, k, v, attention_mask, dropout_p, scale, dropout_mask=keep)
         return out.transpose(1, 2).contiguous(), keep  # contiguous as the kernel's: callers .view it
-    write_keep = write_keep and dropout_p > 0.0
     out, _, keep = _qkvpacked_forward(qkv, mask, None, seqlen, scale, dropout_p, philox_rng_state(dropout_p),
-                                      write_keep)
-    if not write_keep:
-        keep = torch.ones((batch, heads, seqlen, seqlen), dtype=torch.bool, device=q.device)
-    return out, keep.view(torch.bool)
+                                      write_keep and dropout_p > 0.0)
+    return out, _keep_mask(keep, write_keep, dropout_p, (batch, heads, seqlen, seqlen))
 
 
 def attention_qkvpacked(
@@ -440,8 +448,9 @@ def attention_qkvpacked_with_dropout_mask(
 def _varlen_qkvpacked(
     qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, dropout_p: float, scale: float | None,
     write_keep: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (T, H, D), keep (B, H, max_seqlen, max_seqlen) bool) of the varlen qkv-packed op."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out (T, H, D), keep (B, H, max_seqlen, max_seqlen) bool; None unless write_keep) of the varlen qkv-packed
+    op."""
     qkv = _check_qkvpacked(qkv, "(T, 3, H, D)")
     _check_varlen(cu_seqlens, max_seqlen, "qkv", qkv)
     dropout_p = check_dropout_p(dropout_p)
@@ -452,12 +461,9 @@ def _varlen_qkvpacked(
         dropout_p = quantized_attention_dropout_p(dropout_p) if write_keep else dropout_p
         keep = torch.rand(keep_shape, device=q.device) >= dropout_p if write_keep else None
         return attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, dropout_mask=keep), keep
-    write_keep = write_keep and dropout_p > 0.0
     out, _, keep = _qkvpacked_forward(qkv, None, cu_seqlens, max_seqlen, scale, dropout_p,
-                                      philox_rng_state(dropout_p), write_keep)
-    if not write_keep:
-        keep = torch.ones(keep_shape, dtype=torch.bool, device=q.device)
-    return out, keep.view(torch.bool)
+                                      philox_rng_state(dropout_p), write_keep and dropout_p > 0.0)
+    return out, _keep_mask(keep, write_keep, dropout_p, keep_shape)
 
 
 def attention_varlen_qkvpacked(

@@ -52,9 +52,12 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, output[1])
     ctx.has_bias = bias is not None
     ctx.activation = activation
+    ctx.set_materialize_grads(False)  # z (saved for backward) never gets a gradient: no (T, N) zero-fill for it
 
 
 def _autograd_backward(ctx, grad_y, grad_z):
+    if grad_y is None:
+        return None, None, None, None, None
     x, weight, z = ctx.saved_tensors
     needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dx, dw, db = _backward(grad_y, z, x, weight, ctx.has_bias, ctx.activation, needs_dx, needs_dw)

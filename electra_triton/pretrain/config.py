@@ -75,6 +75,7 @@ class PretrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda
     fsdp: bool = False
+    dist_timeout_s: float = 600.0  # bound on every collective (and the rendezvous) of a distributed run
     discriminator: dict[str, Any] = dataclasses.field(default_factory=dict)  # ElectraConfig overrides
     generator: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -112,6 +113,8 @@ class PretrainConfig:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.eval_docs is not None and self.eval_docs < 0:
             raise ValueError(f"--eval-docs must be >= 0 (0: no evaluation), got {self.eval_docs}")
+        if self.dist_timeout_s <= 0:
+            raise ValueError(f"--dist-timeout-s must be > 0, got {self.dist_timeout_s}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
@@ -218,6 +221,8 @@ _HELP = {
     "resume": "continue from the newest valid checkpoint in --output-dir",
     "kernels": "auto: Triton kernels on CUDA, PyTorch reference ops on CPU; triton: kernels or fail; reference",
     "fsdp": "shard parameters, gradients and optimizer state with FSDP2 (fully_shard per layer) under torchrun",
+    "dist_timeout_s": "seconds a distributed collective or the rendezvous may wait before the run fails (default "
+    "600); a rank that fails stops the others at once, this bounds a rank that hangs",
     "save_every": "checkpoint every N optimizer steps",
     "eval_every": "evaluate on the held-out documents every N optimizer steps and at the end (default: the preset's)",
     "eval_docs": "hold out the first K documents of the corpus (in corpus order) for evaluation; 0: no evaluation "

@@ -1,13 +1,11 @@
 """The training loop of `electra-triton pretrain`: single process, torchrun DDP, or FSDP2; checkpoints and resume."""
 
 import contextlib
-import dataclasses
 import json
 import os
 import pathlib
 import shutil
 import signal
-import socket
 import sys
 import time
 from typing import Any
@@ -20,7 +18,7 @@ import electra_triton
 
 from ..ops import _dispatch
 from . import checkpoint as ckpt
-from . import plots
+from . import distributed, plots
 from .config import PretrainConfig, explicit_flags, parse_args
 from .data import (
     CorpusError,
@@ -33,6 +31,7 @@ from .data import (
     special_ids,
     train_tokenizer,
 )
+from .distributed import RunError, Runtime, init_runtime
 from .evaluate import EvalPlan, Evaluator, plan_evaluation
 from .metrics import EVAL_KEYS, MetricsLog, tensorboard_writer
 from .model import ElectraPretrainer, accepts_unpad_plan, build_models, flops_per_token, peak_flops
@@ -42,52 +41,6 @@ from .step import TrainStep, autocast_for, build_optimizer, build_scheduler
 
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
-
-
-class RunError(ValueError):
-    """A run cannot start as asked (the message names the fix); nothing has been written."""
-
-
-@dataclasses.dataclass
-class Runtime:
-    rank: int
-    world_size: int
-    device: torch.device
-    distributed: bool
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def init_runtime(cfg: PretrainConfig) -> Runtime:
-    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise RunError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1 and cfg.fsdp:
-        # FSDP needs a process group even on one process.
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
-    distributed = world_size > 1 or cfg.fsdp
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return Runtime(rank, world_size, device, distributed)
 
 
 def select_kernels(cfg: PretrainConfig, device: torch.device, say) -> bool:
@@ -203,14 +156,18 @@ class Trainer:
                 tensorboard_writer()
             except ValueError as error:
                 raise RunError(str(error)) from error
+        if cfg.resume:
+            distributed.check_resume_world_size(self.out, rt.world_size)
         if cfg.data:
             dataset = open_dataset(cfg.data, load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None)
         else:
             sources = resolve_corpus(cfg.corpus)
+            distributed.check_enough_documents(sources, rt.world_size)
         use_kernels = select_kernels(cfg, rt.device, self.say)
         if rt.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / RUN_CONFIG).write_text(json.dumps(cfg.to_json(), indent=1))
+        distributed.check_shared_output(rt, self.out)
         self.tokenizer = dataset.tokenizer if cfg.data else prepare_tokenizer(cfg, rt, sources, self.say)
         check_tokenizer(self.tokenizer, cfg.tokenizer or str(self.out / "tokenizer"))
 
@@ -273,10 +230,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.max_steps)
         if state is not None:
             if cfg.fsdp:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-                set_state_dict(self.model, self.optimizer, model_state_dict=model_state,
-                               optim_state_dict=optimizer_state, options=StateDictOptions(full_state_dict=True))
+                distributed.load_full_state(self.model, self.optimizer, model_state, optimizer_state)
             else:
                 self.optimizer.load_state_dict(optimizer_state)
             self.scheduler.load_state_dict(state["scheduler"])
@@ -533,13 +487,10 @@ def run(cfg: PretrainConfig) -> int:
     """Train as configured; returns the exit code (0, or 128 + signal when interrupted)."""
     cfg = cfg.resolved()
     runtime = init_runtime(cfg)
-    try:
+    with distributed.failure_propagation(runtime):
         trainer = Trainer(cfg, runtime)
         trainer.setup()
         return trainer.train()
-    finally:
-        if runtime.distributed and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
