@@ -7,6 +7,8 @@ SUBCOMMANDS = {
     "check-compile": ("electra_triton.compile_check", "compile every kernel config for sm_90a/sm_80, report spills"),
     "prepare": ("electra_triton.pretrain.prepare", "tokenize a corpus once into token shards for pretrain --data"),
     "pretrain": ("electra_triton.pretrain", "pre-train ELECTRA generator + discriminator; no arguments: tiny demo run"),
+    "plot": ("electra_triton.pretrain.plots", "PNG curves of one pre-training run, or several compared"),
+    "bench": ("electra_triton.bench", "run a benchmark suite of the source checkout (kernels, pretrain, ...)"),
 }
 
 

@@ -29,7 +29,8 @@ def test_cli_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"discriminator  {out / 'discriminator'}" in result.stdout
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert [m["step"] for m in metrics if m["split"] == "train"] == [1, 2, 3]
+    assert [m["step"] for m in metrics if m["split"] == "eval"] == [3]  # held-out evaluation at the end
     assert set(metrics[0]) >= {"step", "loss", "mlm_loss", "rtd_loss", "mlm_acc", "rtd_acc", "lr", "tokens_per_s"}
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-2", "step-3"]
 

@@ -295,12 +295,14 @@ def test_pretrain_from_prepared_data(tmp_path, prepared, capsys):
     assert run(cfg) == 0
     out = capsys.readouterr()
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [m for m in metrics if m["split"] == "train"]
     assert all(0.9 < m["fill"] <= 1 and m["tokens_per_s"] > 0 for m in metrics)  # packed rows, real tokens only
     assert "packing: on" in out.err and "real tokens/s, fill" in out.out
     cfg.resume, cfg.max_steps = True, 4
     assert run(cfg) == 0
-    assert [m["step"] for m in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())] == \
-        [1, 2, 3, 4]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows if m["split"] == "train"] == [1, 2, 3, 4]
+    assert [m["step"] for m in rows if m["split"] == "eval"] == [3, 4]  # held-out documents of the prepared data
 
 
 def test_unpacked_fill_counts_padding(tmp_path, capsys):
@@ -308,7 +310,7 @@ def test_unpacked_fill_counts_padding(tmp_path, capsys):
 
     assert run(micro_config(tmp_path, packing="off", max_steps=2)) == 0
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert all(m["fill"] < 0.9 for m in metrics)  # short documents, one example per row
+    assert all(m["fill"] < 0.9 for m in metrics if m["split"] == "train")  # short documents, one example per row
     assert "packing: off" in capsys.readouterr().err
 
 

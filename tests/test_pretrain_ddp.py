@@ -60,7 +60,11 @@ def _dump_final_state(rank: int, ran: set[str]) -> None:
         save_final(self)
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))  # all ranks
         first = self.data.next_batch()["input_ids"][0]
-        torch.save({"state": state, "next_example": first, "ran": set(ran)}, self.out.parent / f"rank{rank}.pt")
+        # Evaluation: each rank its own held-out documents, the sums reduced over both (a collective: all ranks).
+        own_tokens = sum(int(batch["attention_mask"].sum()) for batch in self.evaluator.batches)
+        reduced_tokens = self.evaluator.evaluate(self.model, self.autocast).token_count()
+        torch.save({"state": state, "next_example": first, "ran": set(ran), "own_tokens": own_tokens,
+                    "reduced_tokens": reduced_tokens}, self.out.parent / f"rank{rank}.pt")
 
     Trainer.save_final = save_final_and_dump
 
@@ -138,6 +142,8 @@ def test_two_processes_kernels_on_identical_ranks_own_shards(two_process_runs, m
     for rank in ranks:
         assert rank["ran"] >= FUSED_FORWARDS, FUSED_FORWARDS - rank["ran"]
     assert not torch.equal(ranks[0]["next_example"], ranks[1]["next_example"])  # each rank on its own shard
+    own = [rank["own_tokens"] for rank in ranks]  # held-out evaluation: each rank its documents, sums reduced
+    assert min(own) > 0 and ranks[0]["reduced_tokens"] == ranks[1]["reduced_tokens"] == sum(own)
     out = two_process_runs / mode / "straight" / "out"
     assert (out / "discriminator" / "config.json").exists() and (out / "checkpoints" / f"step-{STEPS}").is_dir()
     assert [row["step"] for row in _losses(out)] == list(range(1, STEPS + 1))  # rank 0 only

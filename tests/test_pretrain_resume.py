@@ -17,7 +17,13 @@ from electra_triton.pretrain.train import RunError
 
 def _losses(output_dir) -> list[tuple[int, float, float, float]]:
     lines = (output_dir / "metrics.jsonl").read_text().splitlines()
-    return [(m["step"], m["loss"], m["mlm_loss"], m["rtd_loss"]) for m in map(json.loads, lines)]
+    return [(m["step"], m["loss"], m["mlm_loss"], m["rtd_loss"]) for m in map(json.loads, lines)
+            if m["split"] == "train"]
+
+
+def _evals(output_dir) -> list[dict]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [m for m in map(json.loads, lines) if m["split"] == "eval"]
 
 
 def test_interrupted_and_resumed_run_reproduces_the_losses(tmp_path, monkeypatch):
@@ -47,6 +53,7 @@ def test_interrupted_and_resumed_run_reproduces_the_losses(tmp_path, monkeypatch
     expected = _losses(tmp_path / "a" / "out")
     assert [m[0] for m in expected] == [1, 2, 3, 4, 5, 6]
     assert _losses(out) == expected  # bit-exact
+    assert _evals(out) == _evals(tmp_path / "a" / "out") and len(_evals(out)) == 1  # held-out eval at the end
     final = torch.load(ckpt.list_checkpoints(out)[-1] / "model.pt")
     reference = torch.load(ckpt.list_checkpoints(tmp_path / "a" / "out")[-1] / "model.pt")
     assert all(torch.equal(final[k], reference[k]) for k in reference)

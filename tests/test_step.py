@@ -178,5 +178,5 @@ def test_pretrain_loop_reads_metrics_on_logging_steps_only(tmp_path, monkeypatch
     assert train.run(micro_config(tmp_path, max_steps=5, log_every=2, save_every=10)) == 0
     assert reads == [2, 2, 1]  # steps 2 and 4, then the last: the window holds the steps since the previous read
     lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
-    metrics = [json.loads(line) for line in lines]
+    metrics = [json.loads(line) for line in lines if json.loads(line)["split"] == "train"]
     assert [m["step"] for m in metrics] == [2, 4, 5] and all(m["grad_norm"] > 0 for m in metrics)

@@ -16,16 +16,18 @@ import yaml
 from ..presets import PRESETS
 
 # Training defaults per preset. small/base/large follow the ELECTRA paper (Clark et al. 2020, table 6): learning
-# rate, batch size, sequence length and steps; warmup 10k steps. tiny is sized to finish on a 2-core CPU in minutes.
+# rate, batch size, sequence length and steps; warmup 10k steps. tiny is sized to finish on a 2-core CPU in 3 minutes:
+# the built-in corpus's documents (docstrings) average ~57 tokens, so 32-token examples waste little to padding and
+# a 32-example batch sees as many tokens as 8 of 128 for a quarter of the attention cost (see the README's demo).
 TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {
-    "tiny": {"max_steps": 400, "batch_size": 8, "max_seq_len": 128, "lr": 2e-3, "warmup_steps": 40,
-             "save_every": 100, "log_every": 10},
+    "tiny": {"max_steps": 1000, "batch_size": 32, "max_seq_len": 32, "lr": 2e-3, "warmup_steps": 100,
+             "save_every": 250, "log_every": 25, "eval_every": 200},
     "small": {"max_steps": 1_000_000, "batch_size": 128, "max_seq_len": 128, "lr": 5e-4, "warmup_steps": 10_000,
-              "save_every": 10_000, "log_every": 100},
+              "save_every": 10_000, "log_every": 100, "eval_every": 10_000},
     "base": {"max_steps": 766_000, "batch_size": 256, "max_seq_len": 512, "lr": 2e-4, "warmup_steps": 10_000,
-             "save_every": 10_000, "log_every": 100},
+             "save_every": 10_000, "log_every": 100, "eval_every": 10_000},
     "large": {"max_steps": 400_000, "batch_size": 2048, "max_seq_len": 512, "lr": 2e-4, "warmup_steps": 10_000,
-              "save_every": 10_000, "log_every": 100},
+              "save_every": 10_000, "log_every": 100, "eval_every": 10_000},
 }
 
 BUILTIN_CORPUS = "stdlib"
@@ -64,6 +66,10 @@ class PretrainConfig:
     save_every: int | None = None
     keep_checkpoints: int = 3
     log_every: int | None = None
+    eval_every: int | None = None  # held-out evaluation every N optimizer steps, and at the end
+    eval_docs: int | None = None  # held-out documents; None: evaluate.DEFAULT_EVAL_DOCS, at most a tenth of the corpus
+    eval_corpus: list[str] | None = None  # evaluate on the first --eval-docs documents of these paths instead
+    report_to: str = "none"  # none | tensorboard
     resume: bool = False
     kernels: str = "auto"  # auto | triton | reference
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
@@ -100,11 +106,13 @@ class PretrainConfig:
         return {**PRESETS[self.preset][role], **getattr(self, role)}
 
     def validate(self) -> None:
-        positive = ("max_steps", "batch_size", "grad_accum", "max_seq_len", "save_every", "log_every",
+        positive = ("max_steps", "batch_size", "grad_accum", "max_seq_len", "save_every", "log_every", "eval_every",
                     "keep_checkpoints", "vocab_size", "tokenizer_train_docs", "shuffle_buffer")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.eval_docs is not None and self.eval_docs < 0:
+            raise ValueError(f"--eval-docs must be >= 0 (0: no evaluation), got {self.eval_docs}")
         if self.dist_timeout_s <= 0:
             raise ValueError(f"--dist-timeout-s must be > 0, got {self.dist_timeout_s}")
         if self.lr <= 0:
@@ -135,7 +143,8 @@ class PretrainConfig:
                 "set --disc-embedding-size and --gen-embedding-size to the same value"
             )
         choices = {"kernels": ("auto", "triton", "reference"), "precision": ("auto", "bf16", "fp32"),
-                   "device": ("auto", "cpu", "cuda"), "packing": ("auto", "on", "off")}
+                   "device": ("auto", "cpu", "cuda"), "packing": ("auto", "on", "off"),
+                   "report_to": ("none", "tensorboard")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -176,15 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + _flag(field.name)
         if field.name in ("resume", "fsdp"):
             parser.add_argument(flag, action="store_true", help=_HELP.get(field.name))
-        elif field.name == "corpus":
-            parser.add_argument(flag, nargs="+", help=_HELP["corpus"])
+        elif field.name in ("corpus", "eval_corpus"):
+            parser.add_argument(flag, nargs="+", help=_HELP[field.name])
         else:
             kind = {"int | None": int, "float | None": float, "str | None": str}.get(str(field.type), field.type)
             if kind is bool:
                 kind = _bool
             choices = {"preset": sorted(PRESETS), "kernels": ["auto", "triton", "reference"],
                        "precision": ["auto", "bf16", "fp32"], "device": ["auto", "cpu", "cuda"],
-                       "packing": ["auto", "on", "off"]}.get(field.name)
+                       "packing": ["auto", "on", "off"], "report_to": ["none", "tensorboard"]}.get(field.name)
             parser.add_argument(flag, type=kind, choices=choices, help=_HELP.get(field.name))
     group = parser.add_argument_group("model size overrides (ElectraConfig fields; --disc-* or --gen-*)")
     for role, prefix in _ROLE_PREFIX.items():
@@ -215,6 +224,12 @@ _HELP = {
     "dist_timeout_s": "seconds a distributed collective or the rendezvous may wait before the run fails (default "
     "600); a rank that fails stops the others at once, this bounds a rank that hangs",
     "save_every": "checkpoint every N optimizer steps",
+    "eval_every": "evaluate on the held-out documents every N optimizer steps and at the end (default: the preset's)",
+    "eval_docs": "hold out the first K documents of the corpus (in corpus order) for evaluation; 0: no evaluation "
+    "(default 250, at most a tenth of the corpus)",
+    "eval_corpus": "evaluate on the first --eval-docs documents of these files or folders instead (the training corpus "
+    "is then used whole)",
+    "report_to": "also log the metrics to TensorBoard (OUTPUT_DIR/tensorboard; needs the tensorboard package)",
     "seed": "seed of initialisation, masking, sampling, dropout and data order",
 }
 
@@ -232,8 +247,9 @@ def load_config_file(path: str) -> dict[str, Any]:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"--config {path}: unknown fields {unknown}; known: {sorted(known)}")
-    if isinstance(data.get("corpus"), str):
-        data["corpus"] = [data["corpus"]]
+    for key in ("corpus", "eval_corpus"):
+        if isinstance(data.get(key), str):
+            data[key] = [data[key]]
     return data
 
 

@@ -18,6 +18,11 @@ state (file, byte offset, document index, example builder, RNG state, shuffle bu
 saved in every checkpoint: a resumed stream continues at the exact example. Rows (one example each, or several packed
 together) are made from a stream's examples by `packing.Batcher`; `shards.ShardExampleStream` is this stream over
 data tokenized once by `electra-triton prepare`.
+
+Held-out split: the first `held_out_docs` documents in corpus order (sources in `resolve_corpus` order, documents in
+file order) are never trained on, whatever the epoch's file order. `split="train"` skips them; `split="eval"` reads
+only them, once, in corpus order without shuffling (the same examples every time), and then `next_example` raises
+`EndOfSplit`.
 """
 
 import ast
@@ -43,6 +48,10 @@ _STDLIB_SKIP = {"test", "tests", "idlelib", "site-packages", "dist-packages", "l
 
 class CorpusError(ValueError):
     """The corpus cannot be used (missing, unreadable, empty, malformed); the message names the fix."""
+
+
+class EndOfSplit(Exception):  # noqa: N818 (an end marker, as StopIteration, not an error)
+    """An eval split has been read to its end."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -133,6 +142,37 @@ def read_documents(kind: str, path: str, position: int = 0) -> Iterator[tuple[li
             elif sentences:
                 yield sentences, handle.tell()
                 sentences = []
+
+
+def held_out_boundary(sources: list[tuple[str, str]], held_out_docs: int) -> tuple[int, int]:
+    """(source index, position in it) right after the first `held_out_docs` documents in corpus order.
+
+    Raises CorpusError when no document is left after them (nothing to train on).
+    """
+    count = 0
+    boundary = (0, 0)
+    for index, (kind, path) in enumerate(sources):
+        for _, end in read_documents(kind, path):
+            if count == held_out_docs:
+                return boundary
+            count += 1
+            boundary = (index, end)
+    raise CorpusError(
+        f"holding out {held_out_docs} documents for evaluation leaves none to train on: the corpus "
+        f"({_describe(sources)}) has {count}. Hold out fewer (--eval-docs), or evaluate on another corpus "
+        "(--eval-corpus)"
+    )
+
+
+def count_documents(sources: list[tuple[str, str]], limit: int) -> int:
+    """Documents in the corpus, counted up to `limit` (reading stops there)."""
+    count = 0
+    for kind, path in sources:
+        for _ in read_documents(kind, path):
+            count += 1
+            if count >= limit:
+                return count
+    return count
 
 
 def iter_sentences(sources: list[tuple[str, str]], max_documents: int) -> Iterator[str]:
@@ -304,11 +344,21 @@ def _set_rng_state(rng: random.Random, state: list) -> None:
 class ExampleStream:
     """An endless, deterministic stream of packed examples for one rank; `state_dict()` pins its exact position.
 
-    Epoch e reads the sources in an order shuffled with (seed, e); examples pass through a shuffle buffer.
+    Epoch e reads the sources in an order shuffled with (seed, e); examples pass through a shuffle buffer. With
+    `held_out_docs` > 0 the first that many documents of the corpus are held out: `split="train"` never reads them,
+    `split="eval"` reads only them (once, in order, unshuffled; see the module docstring).
     """
 
     def __init__(self, sources: list[tuple[str, str]], tokenizer, max_seq_len: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle_buffer: int = 256):
+                 world_size: int = 1, shuffle_buffer: int = 256, held_out_docs: int = 0, split: str = "train"):
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        if held_out_docs < 0:
+            raise ValueError(f"held_out_docs must be >= 0, got {held_out_docs}")
+        self.split = split
+        self.held_out_docs = held_out_docs
+        # Training starts each source at this (index, position) boundary's right: sources before it are held out.
+        self.train_start = held_out_boundary(sources, held_out_docs) if split == "train" and held_out_docs else (0, 0)
         self.sources = sources
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
@@ -339,6 +389,7 @@ class ExampleStream:
             "document": self.document, "epoch_examples": self.epoch_examples, "pending": list(self.pending),
             "buffer": list(self.buffer), "rng": _rng_state(self.rng), "builder": self.builder.state_dict(),
             "rank": self.rank, "world_size": self.world_size, "num_sources": len(self.sources),
+            "held_out_docs": self.held_out_docs,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -352,6 +403,11 @@ class ExampleStream:
                 f"the checkpoint was taken on a corpus of {state['num_sources']} files, --corpus now has "
                 f"{len(self.sources)}: resume with the same --corpus"
             )
+        if state.get("held_out_docs", 0) != self.held_out_docs:
+            raise ValueError(
+                f"the checkpoint was taken with {state.get('held_out_docs', 0)} held-out documents, this run holds "
+                f"out {self.held_out_docs}: resume with the same --eval-docs"
+            )
         for key in ("epoch", "source_index", "position", "document", "epoch_examples"):
             setattr(self, key, state[key])
         self.pending = [self.restore_example(item) for item in state["pending"]]
@@ -362,8 +418,16 @@ class ExampleStream:
     # -- reading
     def _order(self) -> list[int]:
         order = list(range(len(self.sources)))
-        random.Random(f"electra-files-{self.seed}-{self.epoch}").shuffle(order)
+        if self.split == "train":
+            random.Random(f"electra-files-{self.seed}-{self.epoch}").shuffle(order)
         return order
+
+    def _start_position(self, source: int) -> int | None:
+        """Where training reads `source` from; None when the whole source is held out."""
+        held_source, held_position = self.train_start
+        if source < held_source:
+            return None
+        return held_position if source == held_source else 0
 
     def _reader(self) -> Iterator[tuple[list[str], int]]:
         # Keep the current file's reader open between calls: reopening (or re-parsing a .py file) per document
@@ -379,6 +443,8 @@ class ExampleStream:
     def _next_document_examples(self) -> None:
         """Read forward to this rank's next document and pack it into self.pending."""
         while True:
+            if self.split == "eval" and (self.document >= self.held_out_docs or self.source_index >= len(self.sources)):
+                raise EndOfSplit
             if self.source_index >= len(self.sources):
                 if self.epoch_examples == 0:
                     raise CorpusError(
@@ -389,8 +455,16 @@ class ExampleStream:
                     )
                 self.epoch += 1
                 self.source_index, self.position, self.epoch_examples = 0, 0, 0
+            if self.split == "train":
+                start = self._start_position(self._order()[self.source_index])
+                if start is None:
+                    self.source_index += 1
+                    continue
+                self.position = max(self.position, start)
             for sentences, end in self._reader():
                 self.position = end
+                if self.split == "eval" and self.document >= self.held_out_docs:
+                    raise EndOfSplit
                 mine = self.document % self.world_size == self.rank
                 self.document += 1
                 if not mine:
@@ -412,6 +486,10 @@ class ExampleStream:
             self._open = None
 
     def next_example(self) -> tuple[list[int], list[int]]:
+        if self.split == "eval":
+            if not self.pending:
+                self._next_document_examples()
+            return self.pending.pop(0)
         while len(self.buffer) < self.shuffle_buffer:
             if not self.pending:
                 self._next_document_examples()

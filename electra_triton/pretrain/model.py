@@ -164,14 +164,17 @@ class ElectraPretrainer(nn.Module):
         self.num_slots = prediction_slots(max_seq_len, mask_prob, packing)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
-                position_ids: torch.Tensor | None = None, unpad_plan: UnpadPlan | None = None
-                ) -> dict[str, torch.Tensor]:
+                position_ids: torch.Tensor | None = None, unpad_plan: UnpadPlan | None = None,
+                rng: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """position_ids (B, L): packed rows (several examples per row, each from position 0); unpad_plan: the batch's
         `electra_triton.ops.UnpadPlan`, for encoders that take one (the kernels'), which then keep each example to
-        itself. Packed rows without a plan are kept apart by a block-diagonal attention mask."""
+        itself. Packed rows without a plan are kept apart by a block-diagonal attention mask. rng draws the masks and
+        the generator's samples (evaluation passes a freshly seeded one, so that every evaluation masks alike); None:
+        torch's default generator. Returns losses and metric sums, and the per-token outputs evaluation reads."""
         vocab_size = self.generator.config.vocab_size
         masked = mask_tokens(input_ids, attention_mask, self.special_ids, self.mask_id, vocab_size, self.mask_prob,
-                             self.mask_token_prob, self.random_token_prob, self.num_slots, position_ids=position_ids)
+                             self.mask_token_prob, self.random_token_prob, self.num_slots, rng,
+                             position_ids=position_ids)
         positions, targets, weights = masked["positions"], masked["targets"], masked["weights"]  # (B, P)
         inputs = encoder_inputs(attention_mask, token_type_ids, position_ids, unpad_plan,
                                 self.discriminator.electra.embeddings.word_embeddings.weight)
@@ -185,12 +188,12 @@ class ElectraPretrainer(nn.Module):
         if "mlm_loss" in getattr(head, "_electra_triton", {}):
             # electra_triton.patch fused the LM head: one logits GEMM, then one kernel pass gives loss, sample, argmax.
             mlm_loss, sampled, predicted_ids = ops.generator_head(
-                predicted, head.weight, head.bias, torch.where(weights, targets, -100), self.temperature)
+                predicted, head.weight, head.bias, torch.where(weights, targets, -100), self.temperature, generator=rng)
         else:
             logits = head(predicted)  # (B, P, V)
             per_slot = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")  # (B*P,)
             mlm_loss = (per_slot * weights.flatten()).sum() / num_predicted.clamp_min(1)
-            sampled = gumbel_sample(logits, self.temperature)  # (B, P)
+            sampled = gumbel_sample(logits, self.temperature, rng)  # (B, P)
             predicted_ids = logits.detach().argmax(-1)
 
         disc_ids = input_ids.scatter(1, positions, torch.where(weights, sampled, targets))  # (B, L)
@@ -213,6 +216,9 @@ class ElectraPretrainer(nn.Module):
             "loss": loss, "mlm_loss": mlm_loss.detach(), "rtd_loss": rtd_loss.detach(),
             "mlm_correct": mlm_correct, "mlm_count": num_predicted, "rtd_correct": rtd_correct,
             "rtd_count": active.sum(), "replaced": rtd_labels.sum(),
+            # Per-token outputs for evaluation: (B, L) discriminator logits and labels, (B, P) masked slots.
+            "disc_logits": out.logits, "rtd_labels": rtd_labels, "mlm_predictions": predicted_ids, "sampled": sampled,
+            "targets": targets, "weights": weights,
         }
 
 

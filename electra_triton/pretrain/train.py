@@ -18,19 +18,22 @@ import electra_triton
 
 from ..ops import _dispatch
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, plots
 from .config import PretrainConfig, explicit_flags, parse_args
 from .data import (
     CorpusError,
     ExampleStream,
     Prefetcher,
     check_tokenizer,
+    count_documents,
     load_tokenizer,
     resolve_corpus,
     special_ids,
     train_tokenizer,
 )
 from .distributed import RunError, Runtime, init_runtime
+from .evaluate import EvalPlan, Evaluator, plan_evaluation
+from .metrics import EVAL_KEYS, MetricsLog, tensorboard_writer
 from .model import ElectraPretrainer, accepts_unpad_plan, build_models, flops_per_token, peak_flops
 from .packing import Batcher
 from .shards import DataError, ShardExampleStream, open_dataset
@@ -148,6 +151,11 @@ class Trainer:
     def setup(self) -> None:
         cfg, rt = self.cfg, self.rt
         check_output_dir(cfg)
+        if cfg.report_to == "tensorboard":
+            try:
+                tensorboard_writer()
+            except ValueError as error:
+                raise RunError(str(error)) from error
         if cfg.resume:
             distributed.check_resume_world_size(self.out, rt.world_size)
         if cfg.data:
@@ -176,13 +184,23 @@ class Trainer:
             generator, discriminator, special_ids(self.tokenizer), self.tokenizer.mask_token_id, cfg.mask_prob,
             cfg.mask_token_prob, cfg.random_token_prob, cfg.rtd_weight, cfg.temperature, cfg.max_seq_len, packing,
         ).to(rt.device)
+        eval_plan = plan_evaluation(
+            cfg.eval_docs, cfg.eval_corpus,
+            (lambda limit: min(dataset.num_documents, limit)) if cfg.data else
+            (lambda limit: count_documents(sources, limit)), self.say)
+        held_out = eval_plan.train_held_out
         if cfg.data:
-            stream = ShardExampleStream(dataset, cfg.max_seq_len, cfg.seed, rt.rank, rt.world_size, cfg.shuffle_buffer)
+            stream = ShardExampleStream(dataset, cfg.max_seq_len, cfg.seed, rt.rank, rt.world_size, cfg.shuffle_buffer,
+                                        held_out_docs=held_out)
         else:
             stream = ExampleStream(sources, self.tokenizer, cfg.max_seq_len, cfg.seed, rt.rank, rt.world_size,
-                                   cfg.shuffle_buffer)
+                                   cfg.shuffle_buffer, held_out_docs=held_out)
         self.stream = Batcher(stream, cfg.max_seq_len, self.tokenizer.cls_token_id, self.tokenizer.sep_token_id,
                               self.tokenizer.pad_token_id, packing, cfg.mask_prob, plan=plan)
+        self.evaluator = self._build_evaluator(eval_plan, dataset if cfg.data else None, sources if not cfg.data
+                                               else None, plan)
+        if not plots.available():
+            self.say("plots: matplotlib is not installed, so no PNGs under plots/ (pip install matplotlib)")
         self.step = 0
         state = None
         if cfg.resume:
@@ -226,12 +244,50 @@ class Trainer:
         else:
             # Masking, sampling and dropout differ per rank; the weights were initialised identically above.
             torch.manual_seed(cfg.seed * 1000 + 1 + rt.rank)
+        self.autocast = autocast_for(rt.device, cfg.precision)
         self.train_step = TrainStep(self.wrapped, self.optimizer, self.scheduler, max_grad_norm=cfg.max_grad_norm,
-                                    autocast=autocast_for(rt.device, cfg.precision),
+                                    autocast=self.autocast,
                                     parameters=self.model.parameters())
         gen_cfg, disc_cfg = self.configs
         self.flops_per_token = flops_per_token(disc_cfg, gen_cfg, cfg.max_seq_len, cfg.mask_prob)
         self.peak = peak_flops(rt.device)
+
+    def _build_evaluator(self, eval_plan: EvalPlan, dataset, sources, unpad: bool) -> Evaluator | None:
+        cfg, rt = self.cfg, self.rt
+        if eval_plan.docs == 0:
+            return None
+        split = {"held_out_docs": eval_plan.docs, "split": "eval"}
+        if eval_plan.eval_sources is not None:
+            stream = ExampleStream(eval_plan.eval_sources, self.tokenizer, cfg.max_seq_len, cfg.seed, rt.rank,
+                                   rt.world_size, **split)
+        elif dataset is not None:
+            stream = ShardExampleStream(dataset, cfg.max_seq_len, cfg.seed, rt.rank, rt.world_size, 1, **split)
+        else:
+            stream = ExampleStream(sources, self.tokenizer, cfg.max_seq_len, cfg.seed, rt.rank, rt.world_size, **split)
+        # One example per row: evaluation needs no packing, and its batches are built once.
+        batcher = Batcher(stream, cfg.max_seq_len, self.tokenizer.cls_token_id, self.tokenizer.sep_token_id,
+                          self.tokenizer.pad_token_id, False, cfg.mask_prob, plan=unpad)
+        evaluator = Evaluator.build(stream, batcher, cfg.batch_size, cfg.max_seq_len, len(self.tokenizer), cfg.seed,
+                                    rt.device, rt.distributed)
+        where = "of --eval-corpus" if cfg.eval_corpus else "held out of the training data, never trained on"
+        if evaluator is None:
+            self.say(f"evaluation is off: the {eval_plan.docs} documents {where} hold no text")
+        else:
+            self.say(f"evaluation: every {cfg.eval_every} steps and at the end, on the first {eval_plan.docs} "
+                     f"documents {where} ({evaluator.num_examples} examples" + (" on rank 0)" if rt.distributed
+                                                                                else ")"))
+        return evaluator
+
+    def evaluate(self) -> dict[str, Any]:
+        """The held-out metrics now, as a metrics.jsonl row; also remembers the unigram baseline."""
+        totals = self.evaluator.evaluate(self.model, self.autocast)
+        self.unigram_accuracy = totals.unigram_accuracy()
+        return {"step": self.step, "split": "eval", **totals.metrics()}
+
+    def plot(self) -> None:
+        """PNGs of the run so far under OUTPUT_DIR/plots (nothing without matplotlib; said once at setup)."""
+        if self.rt.main and plots.available():
+            plots.write_run_plots(self.out)
 
     def _truncate_metrics(self) -> None:
         path = self.out / METRICS
@@ -331,9 +387,10 @@ class Trainer:
         run_tokens = run_slots = 0.0  # real tokens and row slots of the logged steps, for the summary
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not rt.main, unit="step", dynamic_ncols=True,
                    desc="pretrain")
-        metrics_file = open(self.out / METRICS, "a") if rt.main else None  # noqa: SIM115
+        metrics_log = MetricsLog(self.out / METRICS, self.out / "tensorboard" if cfg.report_to == "tensorboard"
+                                 else None, self.step) if rt.main else None
         started, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
-        first_step, last, run_seconds = self.step, {}, 0.0
+        first_step, last, last_eval, run_seconds = self.step, {}, {}, 0.0
         try:
             while self.step < cfg.max_steps:
                 lr = self.scheduler.get_last_lr()[0]
@@ -354,6 +411,7 @@ class Trainer:
                     run_seconds += elapsed
                     last = {
                         "step": self.step,
+                        "split": "train",
                         "loss": values["loss"] / micro_steps,
                         "mlm_loss": values["mlm_loss"] / micro_steps,
                         "rtd_loss": values["rtd_loss"] / micro_steps,
@@ -371,10 +429,16 @@ class Trainer:
                         last["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * rt.world_size)
                         postfix["mfu"] = f"{last['mfu']:.1%}"
                     bar.set_postfix(postfix, refresh=False)
-                    if metrics_file:
-                        metrics_file.write(json.dumps(last) + "\n")
-                        metrics_file.flush()
+                    if metrics_log:
+                        metrics_log.write(last)
                     window_start, window_steps = time.perf_counter(), 0
+
+                if self.evaluator and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+                    last_eval = self.evaluate()
+                    if metrics_log:
+                        metrics_log.write(last_eval)
+                    self.say(f"eval step {self.step}: " + ", ".join(f"{key} {last_eval[key]:.3f}" for key in EVAL_KEYS))
+                    window_start = time.perf_counter()  # throughput counts training only
 
                 stop = self._should_stop()
                 if stop:
@@ -385,24 +449,35 @@ class Trainer:
                     return 128 + self.stop_signal
                 if self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                     self.save_checkpoint()
+                    self.plot()
             bar.close()
             self.save_checkpoint()
             self.save_final()
         finally:
             bar.close()
-            if metrics_file:
-                metrics_file.close()
+            if metrics_log:
+                metrics_log.close()
+        self.plot()
         if rt.main:
             out = self.out.resolve()
             minutes, seconds = divmod(time.perf_counter() - started, 60)
             summary = f"loss {last['loss']:.3f}, MLM acc {last['mlm_acc']:.3f}, RTD acc {last['rtd_acc']:.3f}, " \
                 f"{run_tokens / max(run_seconds, 1e-9):,.0f} real tokens/s, fill {run_tokens / run_slots:.1%}" \
                 if last else "no step taken"
+            held_out = ""
+            if last_eval:
+                times_baseline = last_eval["mlm_accuracy"] / max(self.unigram_accuracy, 1e-9)
+                held_out = (
+                    f"  held-out eval  disc_auc {last_eval['disc_auc']:.3f}, disc precision "
+                    f"{last_eval['disc_precision']:.3f}, recall {last_eval['disc_recall']:.3f}; mlm_accuracy "
+                    f"{last_eval['mlm_accuracy']:.3f} = {times_baseline:.1f}x the unigram baseline "
+                    f"{self.unigram_accuracy:.3f} (always predicting the most frequent masked token)\n"
+                )
             print(
-                f"\ndone: steps {first_step} -> {self.step} in {int(minutes)}m{seconds:.0f}s ({summary})\n"
+                f"\ndone: steps {first_step} -> {self.step} in {int(minutes)}m{seconds:.0f}s ({summary})\n{held_out}"
                 f"  discriminator  {out / 'discriminator'}   (ElectraForPreTraining.from_pretrained)\n"
                 f"  generator      {out / 'generator'}   (ElectraForMaskedLM.from_pretrained)\n"
-                f"  metrics        {out / METRICS}\n"
+                f"  metrics        {out / METRICS}   (plots: {out / 'plots'}; compare runs: electra-triton plot)\n"
                 f"  checkpoints    {out / 'checkpoints'}   (continue with --resume and a larger --max-steps)"
             )
         return 0
