@@ -132,6 +132,7 @@ def test_toy_run_of_torchrun_and_the_compiled_steps(tmp_path):
     for name in SLOW_PARTS[:2]:
         (result,) = by_name[name]["results"]
         assert result["exit_code"] == 0 and result["steps_logged"] == 2, result["output_tail"]
+        assert result["last_metrics"]["split"] == "train" and "disc_auc" in result["last_eval"]
         assert ("--fsdp" in result["command"]) == name.endswith("fsdp")
     for name in SLOW_PARTS[2:]:
         (run,) = by_name[name]["results"]

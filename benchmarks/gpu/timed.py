@@ -140,10 +140,12 @@ def single_gpu_torchrun(fsdp: bool) -> Callable[[Context], list[dict]]:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
         metrics = out / "metrics.jsonl"
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        train = [row for row in rows if row.get("split", "train") == "train"]
+        evaluations = [row for row in rows if row.get("split") == "eval"]
         result = {"command": " ".join(command[1:]), "exit_code": code, "seconds": time.perf_counter() - start,
-                  "steps_logged": len(lines), "last_metrics": json.loads(lines[-1]) if lines else None,
-                  "output_tail": log.read_text()[-3000:]}
+                  "steps_logged": len(train), "last_metrics": train[-1] if train else None,
+                  "last_eval": evaluations[-1] if evaluations else None, "output_tail": log.read_text()[-3000:]}
         if code != 0:
             raise PartFailedError(f"torchrun exited with {code}", [result])
         return [result]
