@@ -203,6 +203,13 @@ def test_config_precedence_preset_file_flags(tmp_path):
     assert (defaults.preset, defaults.corpus, defaults.output_dir) == ("tiny", ["stdlib"], "electra-tiny")
 
 
+def test_sampling_temperature_is_per_preset_and_a_flag_overrides_it():
+    # tiny samples flatter replacements so that its short run's discriminator learns (see TRAINING_DEFAULTS).
+    assert parse_args([]).resolved().temperature == 2.0
+    assert parse_args(["--preset", "small"]).resolved().temperature == 1.0
+    assert parse_args(["--temperature", "1"]).resolved().temperature == 1.0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Prepared shards (`pretrain --data`)
 
