@@ -209,7 +209,7 @@ def build_pretrainer(preset: str, attn_implementation: str, seq_len: int, specia
                                                   attn_implementation))
     generator = ElectraForMaskedLM(_config({**fields["generator"], "pad_token_id": PAD}, attn_implementation))
     share_embeddings(generator, discriminator)
-    recipe = PretrainConfig(preset=preset)
+    recipe = PretrainConfig(preset=preset, output_dir="unused").resolved()
     return ElectraPretrainer(generator, discriminator, specials or [PAD, CLS, SEP, MASK], mask_id, recipe.mask_prob,
                              recipe.mask_token_prob, recipe.random_token_prob, recipe.rtd_weight, recipe.temperature,
                              max_seq_len=seq_len, packing=packing)
