@@ -39,3 +39,28 @@ def check_dropout_p(dropout_p: object) -> float:
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     return float(dropout_p)
+
+
+def check_vocab_projection(
+    hidden: object, weight: object, bias: object, labels: object, ignore_index: object, params_like_hidden: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The arguments of a vocabulary projection + cross-entropy (mlm_loss, generator_head): hidden (..., E) float,
+    weight (V, E), bias (V,) or None, integer labels of hidden.shape[:-1], int ignore_index. With
+    `params_like_hidden` weight and bias must also share hidden's dtype. Returns (hidden, labels)."""
+    hidden = check_float("hidden", hidden)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape (..., E)")
+    check_like("weight", check_float("weight", weight), "hidden", hidden, dtype=params_like_hidden)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}), got {tuple(weight.shape)}")
+    if bias is not None:
+        check_like("bias", check_float("bias", bias), "hidden", hidden, dtype=params_like_hidden)
+        check_shape("bias", bias, (weight.shape[0],))
+    labels = check_tensor("labels", labels)
+    check_shape("labels", labels, hidden.shape[:-1])
+    check_like("labels", labels, "hidden", hidden, dtype=False)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return hidden, labels

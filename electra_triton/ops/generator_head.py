@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..kernels import mlm_loss as kernel
 from ..tracing import host_side
-from ._checks import check_float, check_like, check_shape, check_tensor
+from ._checks import check_vocab_projection
 from ._dispatch import philox_rng_state, use_kernel
 
 
@@ -182,27 +182,12 @@ def generator_head(
     hidden.shape[:-1], integer, each in [0, V) or equal to `ignore_index` (else ValueError: at once on CPU, at a
     later call on CUDA, see the module docstring); temperature > 0. sampled_ids and argmax_ids: int64 of labels' shape.
     """
-    hidden = check_float("hidden", hidden)
-    if hidden.dim() < 1:
-        raise ValueError("hidden must have shape (..., E)")
-    autocast_dtype = _autocast_dtype(hidden.device)
-    check_like("weight", check_float("weight", weight), "hidden", hidden, dtype=autocast_dtype is None)
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}), got {tuple(weight.shape)}")
-    if bias is not None:
-        check_like("bias", check_float("bias", bias), "hidden", hidden, dtype=autocast_dtype is None)
-        check_shape("bias", bias, (weight.shape[0],))
-    labels = check_tensor("labels", labels)
-    check_shape("labels", labels, hidden.shape[:-1])
-    check_like("labels", labels, "hidden", hidden, dtype=False)
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    autocast_dtype = _autocast_dtype(hidden.device) if isinstance(hidden, torch.Tensor) else None
+    hidden, labels = check_vocab_projection(hidden, weight, bias, labels, ignore_index, autocast_dtype is None)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a positive finite float, got {temperature}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import mlm_loss as kernel
-from ._checks import check_float, check_like, check_shape, check_tensor
+from ._checks import check_vocab_projection
 from ._dispatch import use_kernel
 
 
@@ -105,22 +105,7 @@ def mlm_loss(
     the full logits (..., V) in hidden's dtype, computed by a plain F.linear beside the fused loss (this costs the
     memory the fused loss avoids: use it for evaluation, not for training steps).
     """
-    hidden = check_float("hidden", hidden)
-    if hidden.dim() < 1:
-        raise ValueError("hidden must have shape (..., E)")
-    check_like("weight", check_float("weight", weight), "hidden", hidden)
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}), got {tuple(weight.shape)}")
-    if bias is not None:
-        check_like("bias", check_float("bias", bias), "hidden", hidden)
-        check_shape("bias", bias, (weight.shape[0],))
-    labels = check_tensor("labels", labels)
-    check_shape("labels", labels, hidden.shape[:-1])
-    check_like("labels", labels, "hidden", hidden, dtype=False)
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    hidden, labels = check_vocab_projection(hidden, weight, bias, labels, ignore_index, True)
     if not isinstance(return_logits, bool):
         raise TypeError(f"return_logits must be a bool, got {type(return_logits).__name__}")
 
