@@ -101,6 +101,20 @@ def module_docstrings(path: str) -> list[str]:
     return [doc for doc in (ast.get_docstring(n) for n in nodes) if doc and doc.strip()]
 
 
+def jsonl_sentences(line: str, path: str, where: str) -> list[str]:
+    """The non-empty lines of one jsonl record's "text" field (or of a bare JSON string); CorpusError naming the
+    file and `where` in it otherwise."""
+    try:
+        record = json.loads(line)
+        text = record["text"] if isinstance(record, dict) else record
+        if not isinstance(text, str):
+            raise TypeError
+    except (ValueError, KeyError, TypeError) as error:
+        raise CorpusError(f"{path}: {where} is not a JSON object with a string 'text' field: fix the line, or "
+                          "rename the file to .txt to read it as plain text") from error
+    return [s.strip() for s in text.splitlines() if s.strip()]
+
+
 def read_documents(kind: str, path: str, position: int = 0) -> Iterator[tuple[list[str], int]]:
     """Yield (sentences, position after the document) from `position` on."""
     if kind == "pydoc":
@@ -124,17 +138,7 @@ def read_documents(kind: str, path: str, position: int = 0) -> Iterator[tuple[li
             if kind == "jsonl":
                 if not line:
                     continue
-                try:
-                    record = json.loads(line)
-                    text = record["text"] if isinstance(record, dict) else record
-                    if not isinstance(text, str):
-                        raise TypeError
-                except (ValueError, KeyError, TypeError) as error:
-                    raise CorpusError(
-                        f"{path}: line {line_number} after byte {position} is not a JSON object with a string 'text' "
-                        "field: fix the line, or rename the file to .txt to read it as plain text"
-                    ) from error
-                lines = [s.strip() for s in text.splitlines() if s.strip()]
+                lines = jsonl_sentences(line, path, f"line {line_number} after byte {position}")
                 if lines:
                     yield lines, handle.tell()
             elif line:

@@ -28,6 +28,7 @@ from .config import BUILTIN_CORPUS, PRESETS
 from .data import (
     CorpusError,
     _describe,
+    jsonl_sentences,
     load_tokenizer,
     module_docstrings,
     resolve_corpus,
@@ -103,15 +104,7 @@ def _documents(unit: Unit) -> Iterator[list[str]]:
             where, offset = offset, offset + len(line.encode("utf-8", errors="replace")) + 1
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-                body = record["text"] if isinstance(record, dict) else record
-                if not isinstance(body, str):
-                    raise TypeError
-            except (ValueError, KeyError, TypeError) as error:
-                raise CorpusError(f"{path}: the line at byte {where} is not a JSON object with a string 'text' "
-                                  "field: fix the line, or rename the file to .txt to read it as plain text") from error
-            if sentences := [s.strip() for s in body.splitlines() if s.strip()]:
+            if sentences := jsonl_sentences(line, path, f"the line at byte {where}"):
                 yield sentences
         return
     sentences: list[str] = []
