@@ -189,6 +189,21 @@ def _corrupt(batch, seed):
     return chosen, torch.where(chosen, MASK, ids), replaced
 
 
+class _VocabOnlyTokenizer:
+    """What build_models reads of a tokenizer."""
+
+    pad_token_id = PAD
+
+    def __len__(self):
+        return VOCAB
+
+
+def _kernel_fields(max_seq_len: int) -> dict:
+    # No dropout; one head of 32 so that the attention kernel takes the models too.
+    return {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "max_position_embeddings": max_seq_len,
+            "num_attention_heads": 1, "hidden_size": 32}
+
+
 def _on(batch: dict, device: str) -> dict:
     return {key: value.to(device) for key, value in batch.items()}
 
@@ -206,18 +221,10 @@ def test_packed_row_equals_one_example_per_row(path, device):
         pytest.skip("runs the kernels on a GPU or in Triton's interpreter (TRITON_INTERPRET=1, set by conftest)")
     L = 32
     examples = random_examples(5, 14, seed=3)
-    # No dropout; one head of 32 so that the attention kernel takes the models too.
-    fields = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "max_position_embeddings": L,
-              "num_attention_heads": 1, "hidden_size": 32}
-
-    class _Tokenizer:
-        pad_token_id = PAD
-
-        def __len__(self):
-            return VOCAB
-
+    fields = _kernel_fields(L)
     torch.manual_seed(0)
-    generator, discriminator = build_models({**MICRO_MODEL, **fields}, {**MICRO_GENERATOR, **fields}, _Tokenizer())
+    generator, discriminator = build_models({**MICRO_MODEL, **fields}, {**MICRO_GENERATOR, **fields},
+                                            _VocabOnlyTokenizer())
     previous = _dispatch.get_kernel_mode()
     generator.to(device)
     discriminator.to(device)
@@ -284,14 +291,7 @@ def test_pretrainer_step_on_packed_rows_kernels_and_reference_agree(device):
     if device == "cpu" and not _dispatch.INTERPRET:
         pytest.skip("runs the kernels on a GPU or in Triton's interpreter (TRITON_INTERPRET=1, set by conftest)")
     L = 32
-    fields = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "max_position_embeddings": L,
-              "num_attention_heads": 1, "hidden_size": 32}
-
-    class _Tokenizer:
-        pad_token_id = PAD
-
-        def __len__(self):
-            return VOCAB
+    fields = _kernel_fields(L)
 
     previous = _dispatch.get_kernel_mode()
     _dispatch.set_kernel_mode("auto")
@@ -300,7 +300,7 @@ def test_pretrainer_step_on_packed_rows_kernels_and_reference_agree(device):
         for kernels in (False, True):
             torch.manual_seed(0)
             generator, discriminator = build_models({**MICRO_MODEL, **fields}, {**MICRO_GENERATOR, **fields},
-                                                    _Tokenizer())
+                                                    _VocabOnlyTokenizer())
             if kernels:
                 electra_triton.patch(generator)
                 electra_triton.patch(discriminator)
