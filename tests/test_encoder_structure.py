@@ -23,6 +23,7 @@ from transformers import (
 import electra_triton
 from electra_triton import ops
 from electra_triton.integration.encoder import MIN_PADDING_FRACTION, runs_unpadded
+from electra_triton.integration.patch import fused_modules
 from electra_triton.tracing import OpTrace
 
 VOCAB = 64
@@ -155,6 +156,30 @@ def test_left_padding_and_holes_match_transformers(pattern):
         torch.testing.assert_close(ours[real], theirs[real], rtol=1e-4, atol=1e-5)
     as_tuple = patched(ids, attention_mask=mask, return_dict=False)
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.last_hidden_state)
+
+
+@pytest.mark.parametrize("case", ["fused", "chunked-feed-forward", "attention-maps"])
+def test_fused_layer_and_its_fallback_match_transformers_with_gradients(case):
+    # The fused layer serves a plain self-attention layer; transformers' layer forward (over the fused modules)
+    # serves attention maps; a chunked feed-forward runs in one piece. Values and every gradient agree with stock.
+    reference, patched = _model_pair(layers=2, **({"chunk_size_feed_forward": 4} if case == "chunked-feed-forward"
+                                                  else {}))
+    assert fused_modules(patched)["encoder.layer.0"] == {"layer": True}
+    ids, mask = _padded_batch()
+    real = mask.bool()
+    kwargs = {"output_attentions": True} if case == "attention-maps" else {}
+    outputs = [model(ids, attention_mask=mask, **kwargs) for model in (patched, reference)]
+    probe = torch.randn_like(outputs[1].last_hidden_state[real])  # (a LayerNorm output's square sum is constant)
+    for out in outputs:
+        (out.last_hidden_state[real] * probe).sum().backward()
+    torch.testing.assert_close(outputs[0].last_hidden_state[real], outputs[1].last_hidden_state[real], rtol=1e-4,
+                               atol=1e-5)
+    if case == "attention-maps":  # (stock sdpa returns none to compare with: the attention backend's tests do)
+        assert [tuple(a.shape) for a in outputs[0].attentions] == [(2, 2, 8, 8)] * 2
+    theirs = dict(reference.named_parameters())
+    for name, param in patched.named_parameters():
+        if "pooler" not in name:
+            torch.testing.assert_close(param.grad, theirs[name].grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_sequence_without_real_tokens_gives_zeros_and_finite_gradients():

@@ -191,11 +191,13 @@ def layer_forward(
     fused: every parameter of the layer cast (and q/k/v packed) in one launch, and the residual stream's two
     gradients folded into the dX GEMMs of the QKV projection and of the FFN's first GEMM (`return_residual`) instead
     of two (tokens, hidden) adds per layer. Transformers' layer forward (over the fused modules) serves what this
-    does not: attention maps, a 4D row-wise mask, cross-attention or cache arguments, chunked feed-forward.
+    does not: attention maps, a 4D row-wise mask, cross-attention or cache arguments. A chunked feed-forward
+    (`chunk_size_feed_forward`, transformers' memory saver: the same values) runs in one piece: transformers' chunks
+    along dim 1, which is the hidden dim of the unpadded (tokens, hidden) layout.
     """
     general_mask = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] > 1
     attention = self.attention.self
-    if (args or general_mask or self.chunk_size_feed_forward or attention_maps_requested(attention, kwargs)
+    if (args or general_mask or attention_maps_requested(attention, kwargs)
             or any(kwargs.get(name) is not None for name in _STOCK_LAYER_KEYWORDS)):
         if unpad_plan is not None:
             kwargs[PLAN_KEYWORD] = unpad_plan
