@@ -197,7 +197,8 @@ def layer_forward(
     """
     general_mask = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] > 1
     attention = self.attention.self
-    if (args or general_mask or attention_maps_requested(attention, kwargs)
+    # (transformers' own encoder passes encoder_hidden_states positionally, None for an encoder)
+    if (any(arg is not None for arg in args) or general_mask or attention_maps_requested(attention, kwargs)
             or any(kwargs.get(name) is not None for name in _STOCK_LAYER_KEYWORDS)):
         if unpad_plan is not None:
             kwargs[PLAN_KEYWORD] = unpad_plan
