@@ -141,10 +141,10 @@ def dropout_add_layer_norm(
     embeddings); weight and bias (N,) or None (elementwise_affine=False); all on one device. x and residual share a
     float dtype; weight and bias have that dtype or float32 (fp16/bf16 activations with fp32 parameters: the residual
     stream under autocast stays 16-bit, and only 16-bit activations plus fp32 mean/rstd are saved for backward).
-    x_bias (N,) or None, dtype as weight's: the bias of the linear layer that produced x, which can then run without
-    it (`F.linear(h, W)`, a plain GEMM) and needs no column sum for its gradient in the backward: x_bias is added in
-    fp32 before dropout (Megatron's bias-dropout-add), and its gradient is reduced in this op's backward pass along
-    with d_weight and d_bias.
+    x_bias (N,) or None, x's dtype or float32 like weight and bias: the bias of the linear layer that produced x,
+    which then runs without it (`F.linear(h, W)`, a plain GEMM) and needs no column sum of its own in the backward:
+    x_bias is added in fp32 before dropout (Megatron's bias-dropout-add), and its gradient, the sum over rows of the
+    gradient of x, is reduced in this op's backward pass along with d_weight and d_bias.
     Dropout is applied whenever dropout_p > 0 (the caller decides from its training mode), with a Philox mask drawn
     from torch's generator (reproducible under torch.manual_seed) and regenerated, not stored, for the backward.
     Statistics in fp32; returns x's dtype and shape; x_bias, weight and bias gradients come back in their own dtype.
