@@ -88,6 +88,9 @@ def test_pretraining_step_syncs_and_ops_per_layer_against_stock(autocast):
     assert per_layer["aten::add"] == 0, per_layer
     # Every weight and bias of a layer cast (and q/k/v packed) in one launch forward and one backward, per model.
     assert per_layer["aten::_foreach_copy_"] == 4 and per_layer["aten::_to_copy"] == 0, per_layer
+    # Bias gradients: the output projections' come from the LayerNorms after them (x_bias), the FFN's from
+    # gelu_linear: one column sum per model is left, the QKV bias's.
+    assert per_layer["aten::sum"] == 2, per_layer
 
 
 def test_pretraining_step_with_a_supplied_plan_never_syncs():

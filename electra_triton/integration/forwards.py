@@ -86,17 +86,38 @@ def _layer_norm(
     return _fused_layer_norm(norm, x, residual, dropout.p if dropout is not None and module.training else 0.0)
 
 
-def _fused_layer_norm(norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor | None, p: float) -> torch.Tensor:
+def _fused_layer_norm(
+    norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor | None, p: float,
+    x_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LayerNorm(dropout(x + x_bias) + residual) by ops.dropout_add_layer_norm. Under autocast its parameters (and
+    x_bias, the bias of the linear layer that produced x) stay fp32: no casts."""
     dtype = _autocast_dtype(x.device)
     if dtype is None:
         same = residual is None or residual.dtype == x.dtype  # (promote_types is an op to a dispatch mode)
         dtype = x.dtype if same else torch.promote_types(x.dtype, residual.dtype)
         weight, bias = norm.weight.to(dtype), norm.bias.to(dtype)
+        x_bias = None if x_bias is None else x_bias.to(dtype)
     else:
         weight, bias = norm.weight, norm.bias
     with _no_autocast(x.device):
         return ops.dropout_add_layer_norm(x.to(dtype), None if residual is None else residual.to(dtype), weight, bias,
-                                          norm.eps, p)
+                                          norm.eps, p, x_bias=x_bias)
+
+
+def _dense_layer_norm(
+    module: nn.Module, dense: nn.Linear, norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor,
+    dropout: nn.Module, weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LayerNorm(dropout(dense(x)) + residual) with the dense layer's bias added inside the fused LayerNorm (fp32,
+    its gradient from the LayerNorm's backward: no column-sum pass, no bias cast). `weight`: the dense weight already
+    cast (the fused layer's), else cast here."""
+    if weight is None:
+        dtype = _compute_dtype(x, dense)
+        (weight,) = _packed(dtype, [dense.weight])
+        x = x.to(dtype)
+    p = dropout.p if module.training else 0.0
+    return _fused_layer_norm(norm, ops.linear(x, weight), residual, p, dense.bias)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -180,7 +201,9 @@ def self_attention_forward(
 
 
 def residual_output_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-    return _layer_norm(self, self.LayerNorm, _linear(self.dense, hidden_states), input_tensor, self.dropout)
+    if not getattr(self, MARK).get("layer_norm"):
+        return _layer_norm(self, self.LayerNorm, _linear(self.dense, hidden_states), input_tensor, self.dropout)
+    return _dense_layer_norm(self, self.dense, self.LayerNorm, hidden_states, input_tensor, self.dropout)
 
 
 def layer_forward(
@@ -205,18 +228,18 @@ def layer_forward(
         return type(self).forward(self, hidden_states, attention_mask, *args, **kwargs)
     attention_output, output = self.attention.output, self.output
     dtype = _compute_dtype(hidden_states, attention.query)
-    w_qkv, b_qkv, w_o, b_o, w_in, b_in, w_out, b_out = _packed(
-        dtype, *_qkv_parameters(attention), [attention_output.dense.weight], [attention_output.dense.bias],
-        [self.intermediate.dense.weight], [self.intermediate.dense.bias], [output.dense.weight], [output.dense.bias])
+    # (the output projections' biases are added, in fp32, by the LayerNorms after them: not cast)
+    w_qkv, b_qkv, w_o, w_in, b_in, w_out = _packed(
+        dtype, *_qkv_parameters(attention), [attention_output.dense.weight], [self.intermediate.dense.weight],
+        [self.intermediate.dense.bias], [output.dense.weight])
     qkv, residual = ops.linear(hidden_states.to(dtype), w_qkv, b_qkv, return_residual=True)
     context = _fused_attention(attention, qkv, attention_mask, unpad_plan)
-    p = attention_output.dropout.p if self.training else 0.0
-    hidden = _fused_layer_norm(attention_output.LayerNorm, ops.linear(context, w_o, b_o), residual, p)
+    hidden = _dense_layer_norm(attention_output, attention_output.dense, attention_output.LayerNorm, context,
+                               residual, attention_output.dropout, w_o)
     with _no_autocast(hidden.device):
         approximate = getattr(self.intermediate, MARK)["gelu_linear"]
         inner, residual = ops.gelu_linear(hidden, w_in, b_in, approximate, return_residual=True)
-    p = output.dropout.p if self.training else 0.0
-    return _fused_layer_norm(output.LayerNorm, ops.linear(inner, w_out, b_out), residual, p)
+    return _dense_layer_norm(output, output.dense, output.LayerNorm, inner, residual, output.dropout, w_out)
 
 
 PLAN_KEYWORD = "unpad_plan"
