@@ -105,22 +105,25 @@ def gelu_linear_rows(ctx: Context, dtype: torch.dtype) -> list[dict]:
 
 
 def layer_norm_rows(ctx: Context, dtype: torch.dtype) -> list[dict]:
-    """The blocks' dropout -> +residual -> LayerNorm with the kernel's own dropout mask."""
+    """The blocks' +bias -> dropout -> +residual -> LayerNorm (the output projection's bias as x_bias, as the fused
+    encoder layer calls it) with the kernel's own dropout mask."""
     n_rows, hidden = (8, 40) if ctx.toy else (300, 768)
     inputs = [_randn(ctx, n_rows, hidden, dtype=dtype), _randn(ctx, n_rows, hidden, dtype=dtype),
-              (1 + 0.1 * torch.randn(hidden, device=ctx.device)).to(dtype), _randn(ctx, hidden, dtype=dtype, scale=0.1)]
+              (1 + 0.1 * torch.randn(hidden, device=ctx.device)).to(dtype), _randn(ctx, hidden, dtype=dtype, scale=0.1),
+              _randn(ctx, hidden, dtype=dtype, scale=0.1)]
     grad = torch.randn(n_rows, hidden, device=ctx.device)
     keep: list[torch.Tensor] = []
 
-    def with_mask(x, residual, weight, bias):
-        out, kept = ops.dropout_add_layer_norm_with_mask(x, residual, weight, bias, EPS, DROPOUT)
+    def with_mask(x, residual, weight, bias, x_bias):
+        out, kept = ops.dropout_add_layer_norm_with_mask(x, residual, weight, bias, EPS, DROPOUT, x_bias=x_bias)
         keep.append(kept)
         return out
 
     ours = evaluate(with_mask, inputs, grad)
-    reference = lambda *t: ops.dropout_add_layer_norm_reference(*t, EPS, DROPOUT, keep[0])
-    return compare("dropout_add_layer_norm", f"rows={n_rows} N={hidden} residual p={DROPOUT} (kernel's mask)",
-                   ("y", "dx", "dresidual", "dweight", "dbias"), ours, evaluate(reference, inputs, grad),
+    reference = lambda x, residual, weight, bias, x_bias: ops.dropout_add_layer_norm_reference(
+        x, residual, weight, bias, EPS, DROPOUT, keep[0], x_bias=x_bias)
+    return compare("dropout_add_layer_norm", f"rows={n_rows} N={hidden} residual x_bias p={DROPOUT} (kernel's mask)",
+                   ("y", "dx", "dresidual", "dweight", "dbias", "dx_bias"), ours, evaluate(reference, inputs, grad),
                    evaluate(reference, inputs, grad, torch.float64))
 
 
