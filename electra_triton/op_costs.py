@@ -124,13 +124,14 @@ def _foreach_cost(record: OpRecord) -> OpCost:
 
 
 def _fused_adam_cost(record: OpRecord) -> OpCost:
-    # Reads parameters, gradients and both moments; writes parameters and moments (the schema also marks the
-    # gradients writable, for unscaling, which this step does not do).
+    # Reads parameters, gradients and both moments; writes parameters and moments, and with a grad_scale (the
+    # pre-training step's clipping) the divided gradients too.
     params, grads = record.arguments["self"], record.arguments["grads"]
     moments = _nbytes(record.arguments["exp_avgs"]) + _nbytes(record.arguments["exp_avg_sqs"])
     launches = multi_tensor_launches([_numel(meta) for meta in params], 4)
-    return OpCost(bytes_read=_nbytes(params) + _nbytes(grads) + moments, bytes_written=_nbytes(params) + moments,
-                  kernels=max(1, launches))
+    scaled = _nbytes(grads) if record.arguments.get("grad_scale") is not None else 0
+    return OpCost(bytes_read=_nbytes(params) + _nbytes(grads) + moments,
+                  bytes_written=_nbytes(params) + moments + scaled, kernels=max(1, launches))
 
 
 # ------------------------------------------------------------------------------------- declared: electra_triton ops

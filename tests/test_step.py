@@ -92,6 +92,28 @@ def test_clipping_caps_the_update():
     assert step.read_metrics()["grad_norm"] > 1e-3  # the norm before clipping is logged
 
 
+def test_fused_adamw_clips_inside_its_kernel_like_clip_grad_norm():
+    # Fused AdamW divides the gradients by optimizer.grad_scale: the same update and the same (clipped) gradients
+    # left behind as clip_grad_norm_ followed by the step, without clipping's own pass over the gradients.
+    batches = _metric_batches(2)
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = _MetricModel()
+        optimizer = build_optimizer(model, 1e-2, 0.01, (0.9, 0.999), 1e-6, torch.device("cpu"), fused=fused)
+        step = TrainStep(model, optimizer, None, max_grad_norm=1e-2)
+        with OpTrace() as trace:
+            for micro_batch in batches:
+                step([micro_batch])
+        results.append(([p.detach().clone() for p in model.parameters()], trace.counts(), step.read_metrics()))
+    (fused_params, fused_ops, fused_metrics), (plain_params, _, plain_metrics) = results
+    assert fused_ops["aten::_foreach_mul_"] == 0  # (foreach AdamW multiplies in its own update)
+    for ours, theirs in zip(fused_params, plain_params, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert fused_metrics["grad_norm"] == pytest.approx(plain_metrics["grad_norm"], rel=1e-5)
+    assert fused_metrics["grad_norm"] > 1e-2  # it did clip
+
+
 def test_optimizer_is_fused_on_cuda_and_foreach_elsewhere():
     model = _MetricModel()
     cpu = build_optimizer(model, 1e-3, 0.01, (0.9, 0.999), 1e-6, torch.device("cpu"))

@@ -1,10 +1,10 @@
 """One optimizer step of `electra-triton pretrain`, shared with `benchmarks/pretrain.py` and `benchmarks/anatomy.py`.
 
 A step is: for each micro-batch, move it to the device, forward under autocast, backward of loss / grad_accum (DDP and
-FSDP synchronise gradients on the last micro-batch only); then clip the gradient norm, take the AdamW step, advance the
-LR schedule and clear the gradients. Metrics (loss sums, accuracy counts, the gradient norm) are added into one device
-tensor: nothing in a step waits for the device. `read_metrics()` is the one host synchronisation, taken on logging
-steps only.
+FSDP synchronise gradients on the last micro-batch only); then clip the gradient norm (inside the fused AdamW kernel
+when there is one), take the AdamW step, advance the LR schedule and clear the gradients. Metrics (loss sums,
+accuracy counts, the gradient norm) are added into one device tensor: nothing in a step waits for the device.
+`read_metrics()` is the one host synchronisation, taken on logging steps only.
 
 The step passes each batch through to the model as keyword arguments, whatever the data pipeline put in it (padded
 batches today; packed rows, position ids or an `ops.UnpadPlan` tomorrow): any value with a `.to(device,
@@ -104,16 +104,33 @@ class TrainStep:
                 (out["loss"] / count).backward()
             sums = [out[key].detach().to(torch.float64) for key in self.metric_keys]
             self.window.narrow(0, 0, len(sums) + 1).add_(torch.stack([*sums, self._one]))
-        # The norm stays a tensor: clipping scales by min(1, max_norm / norm) on the device, no .item(). foreach:
-        # what CUDA picks anyway (a few multi-tensor kernels, not two per parameter), on every device.
-        norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm, foreach=True)
-        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-            norm = norm.full_tensor()
+        norm = self._clip()
         self.window.narrow(0, len(self.metric_keys) + 1, 2).add_(torch.stack([self._one, norm.detach().double()]))
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _folds_clipping_into_the_optimizer(self) -> bool:
+        """Whether the optimizer step can clip: fused Adam/AdamW divides every gradient by `optimizer.grad_scale`
+        (GradScaler's hook) inside its one kernel, so clipping costs no pass over the gradients of its own. Not for
+        DTensor gradients (FSDP2), whose shards the scale tensor would have to match."""
+        return (isinstance(self.optimizer, torch.optim.Adam | torch.optim.AdamW)
+                and bool(self.optimizer.defaults.get("fused"))
+                and not any(hasattr(p.grad, "full_tensor") for p in self.parameters if p.grad is not None))
+
+    def _clip(self) -> torch.Tensor:
+        """Clip the gradient norm to max_grad_norm (torch's clip_grad_norm_ rule: scale by min(1, max_norm / (norm +
+        1e-6))) and return the norm. It stays a tensor: no .item(). foreach: what CUDA picks anyway (a few
+        multi-tensor kernels, not two per parameter), on every device."""
+        if not self._folds_clipping_into_the_optimizer():
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm, foreach=True)
+            return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+        grads = [p.grad for p in self.parameters if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        # The fused step divides by this and writes the clipped gradients back, as clip_grad_norm_ leaves them.
+        self.optimizer.grad_scale = ((norm + 1e-6) / self.max_grad_norm).clamp(min=1.0).to(torch.float32)
+        return norm
 
     def read_metrics(self) -> dict[str, float]:
         """The window's sums (all-reduced over ranks) as floats, then an empty window: the one host synchronisation.
