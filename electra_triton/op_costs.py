@@ -66,7 +66,7 @@ _ALLOCATIONS = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten:
                 "aten::new_empty_strided", "aten::empty_permuted"}
 # Ops that overwrite `self` without reading it.
 _OVERWRITES = {"aten::copy_", "aten::fill_", "aten::zero_", "aten::normal_", "aten::uniform_", "aten::bernoulli_",
-               "aten::random_", "aten::exponential_"}
+               "aten::random_", "aten::exponential_", "aten::_foreach_copy_"}
 # Gathers read only what they gather: the output's worth of their source.
 _GATHERS = {"aten::embedding": "weight", "aten::index_select": "self", "aten::gather": "self", "aten::index": "self"}
 
@@ -82,13 +82,55 @@ def _matmul_cost(record: OpRecord) -> OpCost:
     return OpCost(flops, flops, read, written, 1, matmul_dtype=_dtype_name(a))
 
 
+# ATen's multi-tensor kernels (foreach ops, fused optimizers) take chunks of 65,536 elements, at most 320 chunks and
+# a depth-dependent number of tensors per launch (MultiTensorApply.cuh), depth = tensor lists the kernel walks.
+_MULTI_TENSOR_CHUNK, _MULTI_TENSOR_BLOCKS, _MULTI_TENSOR_MAX_TENSORS = 65536, 320, (110, 64, 48, 36, 30)
+
+
+def multi_tensor_launches(numels: list[int], depth: int) -> int:
+    """Kernel launches of one multi-tensor apply over tensors of these sizes, walking `depth` lists at once."""
+    max_tensors = _MULTI_TENSOR_MAX_TENSORS[min(depth, 5) - 1]
+    launches = tensors = blocks = 0
+    for numel in numels:
+        if numel == 0:
+            continue
+        tensors += 1
+        chunks = math.ceil(numel / _MULTI_TENSOR_CHUNK)
+        while chunks:
+            taken = min(chunks, _MULTI_TENSOR_BLOCKS - blocks)
+            blocks += taken
+            chunks -= taken
+            if blocks == _MULTI_TENSOR_BLOCKS or (not chunks and tensors == max_tensors):
+                launches += 1
+                tensors, blocks = (1 if chunks else 0), 0
+    return launches + (1 if blocks else 0)
+
+
+def _tensor_lists(record: OpRecord) -> list[list[TensorMeta]]:
+    return [value for value in record.arguments.values()
+            if isinstance(value, list) and value and all(isinstance(item, TensorMeta) for item in value)]
+
+
+def _foreach_cost(record: OpRecord) -> OpCost:
+    # An out-of-place foreach op also walks its output list; _foreach_norm reduces into a scratch buffer instead and
+    # finishes with one more kernel.
+    lists = _tensor_lists(record)
+    numels = [_numel(meta) for meta in lists[0]] if lists else []
+    norm = record.name == "aten::_foreach_norm"
+    depth = len(lists) + (1 if not record.name.endswith("_") and not norm else 0)
+    read, written = _io(record, skip_reads=("self",) if record.name in _OVERWRITES else ())
+    return OpCost(bytes_read=read, bytes_written=written,
+                  kernels=max(1, multi_tensor_launches(numels, depth)) + (1 if norm else 0))
+
+
 def _fused_adam_cost(record: OpRecord) -> OpCost:
     # Reads parameters, gradients and both moments; writes parameters and moments (the schema also marks the
     # gradients writable, for unscaling, which this step does not do).
     params, grads = record.arguments["self"], record.arguments["grads"]
     moments = _nbytes(record.arguments["exp_avgs"]) + _nbytes(record.arguments["exp_avg_sqs"])
+    launches = multi_tensor_launches([_numel(meta) for meta in params], 4)
     return OpCost(bytes_read=_nbytes(params) + _nbytes(grads) + moments, bytes_written=_nbytes(params) + moments,
-                  kernels=1)
+                  kernels=max(1, launches))
 
 
 # ------------------------------------------------------------------------------------- declared: electra_triton ops
@@ -306,6 +348,8 @@ def op_cost(record: OpRecord) -> OpCost:
         return dataclasses.replace(_matmul_cost(record), host_sync=sync)
     if name in _ALLOCATIONS:
         return OpCost(host_sync=sync)
+    if name.startswith("aten::_foreach_"):
+        return dataclasses.replace(_foreach_cost(record), host_sync=sync)
     if name in _GATHERS and record.outputs:
         source = _GATHERS[name]
         read, written = _io(record, skip_reads=(source,))

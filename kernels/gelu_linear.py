@@ -298,9 +298,12 @@ def grad_config(N: int) -> dict[str, int]:
 
 def gelu_linear_backward(
     grad_y: torch.Tensor, z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, activation: int,
-    needs_dx: bool, needs_dw: bool,
+    needs_dx: bool, needs_dw: bool, grad_residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """grad_y (M, N) any strides, z (M, N) contiguous, x (M, K), weight (N, K) -> (dx (M, K), dw (N, K), db (N,))."""
+    """grad_y (M, N) any strides, z (M, N) contiguous, x (M, K), weight (N, K) -> (dx (M, K), dw (N, K), db (N,)).
+
+    grad_residual (M, K): a gradient that x also receives (x was the residual stream), added to dx in the dX GEMM's
+    epilogue: cuBLAS addmm with beta = 1, one pass instead of autograd's separate (M, K) add."""
     M, N = z.shape
     config = grad_config(N)
     n_chunks = triton.cdiv(N, config["BLOCK_N"])
@@ -315,7 +318,9 @@ def gelu_linear_backward(
             ACTIVATION=activation, HAS_BIAS=has_bias, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
-    dx = matmul(dz, weight)[0] if needs_dx else None
+    dx = None
+    if needs_dx:
+        dx = matmul(dz, weight)[0] if grad_residual is None else torch.addmm(grad_residual, dz, weight)
     dw = matmul(dz.t(), x)[0].to(weight.dtype) if needs_dw else None
     db = partial_db.sum(dim=0).to(weight.dtype) if has_bias else None
     return dx, dw, db

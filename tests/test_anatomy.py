@@ -71,6 +71,26 @@ def test_elementwise_and_in_place_bytes():
     assert (costs[1].bytes_read, costs[1].bytes_written) == (0, x.nbytes) and costs[0].flops == 0
 
 
+def test_multi_tensor_launches_follow_atens_chunk_and_tensor_limits():
+    chunk, blocks = 65536, 320
+    assert op_costs.multi_tensor_launches([chunk * blocks], 1) == 1
+    assert op_costs.multi_tensor_launches([chunk * blocks + 1], 1) == 2  # a 321st chunk
+    assert op_costs.multi_tensor_launches([1] * 110, 1) == 1 and op_costs.multi_tensor_launches([1] * 111, 1) == 2
+    assert op_costs.multi_tensor_launches([1] * 36, 4) == 1 and op_costs.multi_tensor_launches([1] * 37, 4) == 2
+    assert op_costs.multi_tensor_launches([0, 0], 2) == 0
+
+
+def test_foreach_copy_writes_its_destinations_without_reading_them():
+    sources = [torch.randn(300, 4), torch.randn(7)]
+    destinations = [torch.empty(300, 4, dtype=torch.float16), torch.empty(7, dtype=torch.float16)]
+    with OpTrace() as trace:
+        torch._foreach_copy_(destinations, sources)
+    (record,) = [r for r in trace.records if r.is_device_op]
+    cost = op_costs.op_cost(record)
+    assert cost.bytes_read == sum(t.nbytes for t in sources)
+    assert cost.bytes_written == sum(t.nbytes for t in destinations) and cost.kernels == 1
+
+
 def _record(name: str, **arguments) -> OpRecord:
     return OpRecord(name, None, [], [], False, False, False, (), arguments)
 

@@ -115,3 +115,41 @@ def test_opcheck_fake_and_autograd_registration():
     forward = torch.ops.electra_triton.gelu_linear_forward.default
     torch.library.opcheck(forward, (x, weight, bias.requires_grad_(), 1, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead", [(37,), (2, 3, 5)], ids=["M37", "BLH"])
+def test_residual_gradient_is_folded_into_the_dx_gemm(lead, dtype):
+    # y, residual = gelu_linear(x, ..., return_residual=True): x's gradient is dY's path plus the residual's, against
+    # the float64 reference of gelu_linear(x) and x used twice.
+    x, weight, bias = _inputs(lead, 40, 24, dtype)
+    grad_out = torch.randn(*lead, 24, device=DEVICE)
+    grad_residual = torch.randn(*lead, 40, device=DEVICE)
+
+    def run(fn, cast=None):
+        leaves = [t.detach().to(cast or t.dtype).requires_grad_() for t in (x, weight, bias)]
+        out, residual = fn(*leaves)
+        torch.autograd.backward([out, residual], [grad_out.to(out.dtype), grad_residual.to(out.dtype)])
+        return out.detach(), [leaf.grad for leaf in leaves]
+
+    ours = lambda x, w, b: gelu_linear(x, w, b, "none", return_residual=True)
+    reference = lambda x, w, b: (gelu_linear_reference(x, w, b), x)
+    out, grads = run(ours)
+    plain, plain_grads = run(reference)
+    exact, exact_grads = run(reference, torch.float64)
+    assert_accurate("y", out, plain, exact)
+    for name, o, p, e in zip(["dx", "dweight", "dbias"], grads, plain_grads, exact_grads, strict=True):
+        assert_accurate(name, o, p, e)
+
+
+def test_residual_alone_and_no_grad():
+    x, weight, bias = _inputs((5,), 8, 4, torch.float32)
+    x.requires_grad_()
+    out, residual = gelu_linear(x, weight, bias, return_residual=True)
+    assert torch.equal(residual, x)
+    residual.sum().backward()  # only the residual is used: its gradient passes through
+    assert torch.equal(x.grad, torch.ones_like(x))
+    with torch.no_grad():
+        out, residual = gelu_linear(x, weight, bias, return_residual=True)
+    assert residual is x
+    torch.testing.assert_close(out, gelu_linear_reference(x, weight, bias))

@@ -35,7 +35,7 @@ from transformers.utils import TransformersKwargs
 
 from .. import ops
 from ..ops.unpad import traceable_unpad_plan
-from .forwards import MARK, _autocast_dtype
+from .forwards import MARK, PLAN_KEYWORD, _autocast_dtype
 
 # Unpadding costs a gather of the embeddings' output and a scatter of the last layer's (and their backwards): about
 # 8 * hidden bytes per real token per forward + backward. It saves every layer's work on each padding slot: for
@@ -45,7 +45,6 @@ from .forwards import MARK, _autocast_dtype
 # the plan's index arithmetic on small batches. PROJECTED from a roofline, not measured.
 MIN_PADDING_FRACTION = 1 / 64
 
-PLAN_KEYWORD = "unpad_plan"
 _PACKED_KEYWORDS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 

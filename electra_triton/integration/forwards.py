@@ -40,13 +40,27 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False) if torch.is_autocast_enabled(device.type) else nullcontext()
 
 
+def _packed(dtype: torch.dtype, *groups: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, ...]:
+    """Each group concatenated (dim 0) in `dtype`, all cast in one multi-tensor launch (ops.pack_parameters); a group
+    holding a None (a Linear without bias) comes back as None."""
+    wanted = [group for group in groups if None not in group]
+    packed = iter(ops.pack_parameters(wanted, dtype) if wanted else ())
+    return tuple(None if None in group else next(packed) for group in groups)
+
+
 def _linear_inputs(x: torch.Tensor, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """x, weight, bias in the dtype nn.Linear would compute in (the autocast dtype under autocast)."""
+    """x, weight, bias in the dtype nn.Linear would compute in (the autocast dtype under autocast; weight and bias
+    cast in one launch)."""
     dtype = _autocast_dtype(x.device)
-    weight, bias = linear.weight, linear.bias
     if dtype is None:
-        return x, weight, bias
-    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+        return x, linear.weight, linear.bias
+    return (x.to(dtype), *_packed(dtype, [linear.weight], [linear.bias]))
+
+
+def _linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's forward, its parameters cast in one launch under autocast (`_linear_inputs`)."""
+    x, weight, bias = _linear_inputs(x, linear)
+    return ops.linear(x, weight, bias)
 
 
 def _gelu_linear(module: nn.Module, linear: nn.Linear, activation: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -66,10 +80,13 @@ def _layer_norm(
     Under autocast the fused path keeps the activations in the autocast dtype (fp32 weight, bias and statistics):
     the residual stream stays 16-bit, where transformers runs LayerNorm in fp32 and so makes it fp32 (README).
     """
-    p = dropout.p if dropout is not None and module.training else 0.0
     if not getattr(module, MARK).get("layer_norm"):
         x = dropout(x) if dropout is not None else x
         return norm(x if residual is None else x + residual)
+    return _fused_layer_norm(norm, x, residual, dropout.p if dropout is not None and module.training else 0.0)
+
+
+def _fused_layer_norm(norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor | None, p: float) -> torch.Tensor:
     dtype = _autocast_dtype(x.device)
     if dtype is None:
         same = residual is None or residual.dtype == x.dtype  # (promote_types is an op to a dispatch mode)
@@ -103,15 +120,40 @@ def _key_padding_mask(attention_mask: Any, batch: int, seqlen: int) -> torch.Ten
     return real.expand(batch, seqlen)
 
 
+def _qkv_parameters(self) -> list[list[torch.Tensor | None]]:
+    """The groups (`_packed`) of one (3 * hidden, hidden) q/k/v weight and its bias (parameters unchanged)."""
+    return [[self.query.weight, self.key.weight, self.value.weight], [self.query.bias, self.key.bias, self.value.bias]]
+
+
+def _compute_dtype(x: torch.Tensor, linear: nn.Linear) -> torch.dtype:
+    """What a Linear computes in: the autocast dtype under autocast, else its weight's."""
+    return _autocast_dtype(x.device) or linear.weight.dtype
+
+
 def _packed_qkv_projection(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    """One GEMM for q, k and v: the three Linear weights concatenated in the forward (parameters unchanged)."""
-    weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
-    bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-    dtype = _autocast_dtype(hidden_states.device)
-    if dtype is not None:  # one cast of the concatenated weight, not three
-        hidden_states, weight, bias = hidden_states.to(dtype), weight.to(dtype), bias.to(dtype)
-    with _no_autocast(hidden_states.device):
-        return F.linear(hidden_states, weight, bias)
+    """One GEMM for q, k and v: the three Linear weights concatenated (and cast) in one launch."""
+    dtype = _compute_dtype(hidden_states, self.query)
+    weight, bias = _packed(dtype, *_qkv_parameters(self))
+    return ops.linear(hidden_states.to(dtype), weight, bias)
+
+
+def _fused_attention(
+    self, qkv: torch.Tensor, attention_mask: Any, unpad_plan: ops.UnpadPlan | None,
+) -> torch.Tensor:
+    """The attention kernel on a packed qkv: (T, 3 * hidden) varlen with `unpad_plan`, else (B, L, 3 * hidden) with
+    a key-padding mask. Returns (T or B, L, hidden)."""
+    heads, head_dim = self.num_attention_heads, self.attention_head_size
+    dropout_p = self.dropout.p if self.training else 0.0
+    with _no_autocast(qkv.device):
+        if unpad_plan is not None:
+            tokens = qkv.shape[0]
+            out = ops.attention_varlen_qkvpacked(qkv.view(tokens, 3, heads, head_dim), unpad_plan.cu_seqlens,
+                                                 unpad_plan.max_seqlen, dropout_p, self.scaling)
+            return out.reshape(tokens, heads * head_dim)
+        batch, seqlen = qkv.shape[:2]
+        real = _key_padding_mask(attention_mask, batch, seqlen)
+        out = ops.attention_qkvpacked(qkv.view(batch, seqlen, 3, heads, head_dim), real, dropout_p, self.scaling)
+    return out.reshape(batch, seqlen, heads * head_dim)
 
 
 def self_attention_forward(
@@ -120,34 +162,66 @@ def self_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """Fused QKV GEMM + attention. hidden_states (B, L, hidden) with a key mask, or the real tokens (T, hidden) of
     the patched encoder's `unpad_plan` (then varlen attention, each sequence to itself)."""
-    heads, head_dim = self.num_attention_heads, self.attention_head_size
     qkv = _packed_qkv_projection(self, hidden_states)
-    dropout_p = self.dropout.p if self.training else 0.0
     # Transformers' eager attention, exact, for this call when the kernel cannot serve it: attention maps requested
     # (it never forms them), or a 4D mask with a row per query (user-built: not a key-padding mask). transformers'
     # own encoder forward runs then, so the layout is padded and the mask is transformers'.
     maps = attention_maps_requested(self, kwargs)
     general_mask = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] > 1
     if unpad_plan is None and (maps or general_mask):
+        heads, head_dim = self.num_attention_heads, self.attention_head_size
         batch, seqlen = hidden_states.shape[:2]
         q, k, v = qkv.view(batch, seqlen, 3, heads, head_dim).transpose(1, 3).unbind(2)  # (B, H, L, D) each
         reason = ATTENTION_MAPS if maps else "a 4D attention mask is given"
+        dropout_p = self.dropout.p if self.training else 0.0
         out, probabilities = eager_attention(self, q, k, v, attention_mask, dropout_p, self.scaling, reason=reason)
         return out.reshape(batch, seqlen, heads * head_dim), probabilities
-    with _no_autocast(qkv.device):
-        if unpad_plan is not None:
-            tokens = hidden_states.shape[0]
-            out = ops.attention_varlen_qkvpacked(qkv.view(tokens, 3, heads, head_dim), unpad_plan.cu_seqlens,
-                                                 unpad_plan.max_seqlen, dropout_p, self.scaling)
-            return out.reshape(tokens, heads * head_dim), None
-        batch, seqlen = hidden_states.shape[:2]
-        real = _key_padding_mask(attention_mask, batch, seqlen)
-        out = ops.attention_qkvpacked(qkv.view(batch, seqlen, 3, heads, head_dim), real, dropout_p, self.scaling)
-    return out.reshape(batch, seqlen, heads * head_dim), None
+    return _fused_attention(self, qkv, attention_mask, unpad_plan), None
 
 
 def residual_output_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-    return _layer_norm(self, self.LayerNorm, self.dense(hidden_states), input_tensor, self.dropout)
+    return _layer_norm(self, self.LayerNorm, _linear(self.dense, hidden_states), input_tensor, self.dropout)
+
+
+def layer_forward(
+    self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args: Any,
+    unpad_plan: ops.UnpadPlan | None = None, **kwargs: Any,
+) -> torch.Tensor:
+    """A whole encoder layer (ElectraLayer, BertLayer, RobertaLayer) whose attention, LayerNorms and FFN are all
+    fused: every parameter of the layer cast (and q/k/v packed) in one launch, and the residual stream's two
+    gradients folded into the dX GEMMs of the QKV projection and of the FFN's first GEMM (`return_residual`) instead
+    of two (tokens, hidden) adds per layer. Transformers' layer forward (over the fused modules) serves what this
+    does not: attention maps, a 4D row-wise mask, cross-attention or cache arguments. A chunked feed-forward
+    (`chunk_size_feed_forward`, transformers' memory saver: the same values) runs in one piece: transformers' chunks
+    along dim 1, which is the hidden dim of the unpadded (tokens, hidden) layout.
+    """
+    general_mask = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] > 1
+    attention = self.attention.self
+    if (args or general_mask or attention_maps_requested(attention, kwargs)
+            or any(kwargs.get(name) is not None for name in _STOCK_LAYER_KEYWORDS)):
+        if unpad_plan is not None:
+            kwargs[PLAN_KEYWORD] = unpad_plan
+        return type(self).forward(self, hidden_states, attention_mask, *args, **kwargs)
+    attention_output, output = self.attention.output, self.output
+    dtype = _compute_dtype(hidden_states, attention.query)
+    w_qkv, b_qkv, w_o, b_o, w_in, b_in, w_out, b_out = _packed(
+        dtype, *_qkv_parameters(attention), [attention_output.dense.weight], [attention_output.dense.bias],
+        [self.intermediate.dense.weight], [self.intermediate.dense.bias], [output.dense.weight], [output.dense.bias])
+    qkv, residual = ops.linear(hidden_states.to(dtype), w_qkv, b_qkv, return_residual=True)
+    context = _fused_attention(attention, qkv, attention_mask, unpad_plan)
+    p = attention_output.dropout.p if self.training else 0.0
+    hidden = _fused_layer_norm(attention_output.LayerNorm, ops.linear(context, w_o, b_o), residual, p)
+    with _no_autocast(hidden.device):
+        approximate = getattr(self.intermediate, MARK)["gelu_linear"]
+        inner, residual = ops.gelu_linear(hidden, w_in, b_in, approximate, return_residual=True)
+    p = output.dropout.p if self.training else 0.0
+    return _fused_layer_norm(output.LayerNorm, ops.linear(inner, w_out, b_out), residual, p)
+
+
+PLAN_KEYWORD = "unpad_plan"
+# What transformers' layer forward takes beyond a self-attention encoder layer's inputs (decoders, caches).
+_STOCK_LAYER_KEYWORDS = ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values",
+                         "cache_position")
 
 
 def intermediate_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ RESIDUAL_OUTPUT = (
     roberta.RobertaSelfOutput, roberta.RobertaOutput,
 )
 INTERMEDIATE = (electra.ElectraIntermediate, bert.BertIntermediate, roberta.RobertaIntermediate)
+LAYER = (electra.ElectraLayer, bert.BertLayer, roberta.RobertaLayer)
 BASE_MODELS = (electra.ElectraModel, bert.BertModel, roberta.RobertaModel)
 
 
@@ -96,6 +97,8 @@ def plan(model: nn.Module, flags: dict[str, Any]) -> tuple[list[tuple[nn.Module,
         return True
 
     for module in model.modules():
+        if isinstance(module, LAYER):
+            continue  # bound below, once its parts' bindings are known
         if isinstance(module, BASE_MODELS):
             # Always bound, so that `unpad_plan=` is either served (fused attention: the encoder unpads once) or
             # refused with an error, never silently ignored (packed rows would attend across sequences).
@@ -112,4 +115,12 @@ def plan(model: nn.Module, flags: dict[str, Any]) -> tuple[list[tuple[nn.Module,
             bindings.append((module, forward, fused_here))
             if forward is fused.masked_lm_forward:
                 bindings.append((module.generator_lm_head, fused.lm_head_forward, {"mlm_loss": True}))
+    # A layer whose attention, both residual LayerNorms and FFN GELU are all fused runs as one fused forward.
+    fused_here = {id(module): how for module, _, how in bindings}
+    for layer in model.modules():
+        if isinstance(layer, LAYER) and all(
+                fused_here.get(id(part), {}).get(flag) for part, flag in (
+                    (layer.attention.self, "attention"), (layer.attention.output, "layer_norm"),
+                    (layer.intermediate, "gelu_linear"), (layer.output, "layer_norm"))):
+            bindings.append((layer, fused.layer_forward, {"layer": True}))
     return bindings, sorted(set(skipped))

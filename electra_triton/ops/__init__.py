@@ -19,6 +19,7 @@ from .embeddings import embeddings_layer_norm, embeddings_layer_norm_reference, 
 from .gelu_linear import gelu_linear, gelu_linear_reference
 from .generator_head import generator_head, generator_head_reference
 from .layer_norm import dropout_add_layer_norm, dropout_add_layer_norm_reference, dropout_add_layer_norm_with_mask
+from .linear import linear, pack_parameters
 from .mlm_loss import mlm_loss, mlm_loss_reference
 from .rtd_loss import rtd_loss, rtd_loss_reference
 from .unpad import UnpadPlan, unpad_plan
@@ -31,5 +32,6 @@ __all__ = [
     "dropout_add_layer_norm", "dropout_add_layer_norm_reference", "dropout_add_layer_norm_with_mask",
     "embeddings_layer_norm", "embeddings_layer_norm_reference", "embeddings_layer_norm_with_mask",
     "gelu_linear", "gelu_linear_reference", "generator_head", "generator_head_reference",
-    "get_kernel_mode", "mlm_loss", "mlm_loss_reference", "rtd_loss", "rtd_loss_reference", "set_kernel_mode",
+    "get_kernel_mode", "linear", "mlm_loss", "mlm_loss_reference", "pack_parameters", "rtd_loss", "rtd_loss_reference",
+    "set_kernel_mode",
     "UnpadPlan", "unpad_plan"]
