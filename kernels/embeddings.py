@@ -32,12 +32,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import layer_norm
 from ._compile import CompileTarget, specialized_target
 from ._launch import programs_per_device
-from .layer_norm import MAX_HIDDEN as LAYER_NORM_MAX_HIDDEN
-from .layer_norm import launch_config, philox_keep_mask
+from .layer_norm import philox_keep_mask
 
-MAX_HIDDEN = LAYER_NORM_MAX_HIDDEN  # a row block in registers with layer_norm's launch configs, as there
+MAX_HIDDEN = layer_norm.MAX_HIDDEN  # a row block in registers, with layer_norm's row blocks
 
 
 @triton.jit
@@ -152,6 +152,17 @@ def _embeddings_ln_bwd_kernel(
     tl.store(partials_ptr + (n_groups + group) * n_cols + cols, tl.sum(db, axis=0), mask=col_ok)
     if not HAS_TYPES:
         tl.store(partials_ptr + (2 * n_groups + group) * n_cols + cols, tl.sum(d_type0, axis=0), mask=col_ok)
+
+
+def launch_config(n_cols: int, backward: bool) -> dict[str, int]:
+    """layer_norm's row blocks (~4K elements) and forward; the backward at 8 elements per thread (16 warps): it holds
+    more per element than the LayerNorm backward (the token-type accumulator, two tables' 64-bit scatter addresses),
+    and at layer_norm's 16 per thread it took 199-216 registers, one 8-warp block per SM; at 8 it takes 99-126, one
+    16-warp block (sm_90a, triton 3.9, 2026-12-01; both checked by the compile check)."""
+    config = layer_norm.launch_config(n_cols, backward=False)
+    if backward:
+        config["num_warps"] = min(16, max(4, config["BLOCK_M"] * config["BLOCK_N"] // (32 * 8)))
+    return config
 
 
 def _id_layout(ids: torch.Tensor) -> tuple[int, int]:
