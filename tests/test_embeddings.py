@@ -130,6 +130,15 @@ def test_dropout_is_reproducible_fresh_per_call_and_at_rate():
     assert abs(keep.float().mean().item() - 0.75) < 0.03  # 4096 draws
 
 
+def test_no_tokens_gives_an_empty_output_and_zero_gradients():
+    params = [t.requires_grad_() for t in _tables(8, torch.float32)]
+    ids = torch.zeros(0, 5, dtype=torch.long, device=DEVICE)
+    out = embeddings_layer_norm(ids, torch.arange(5, device=DEVICE)[None], None, *params, EPS, 0.1)
+    assert out.shape == (0, 5, 8)
+    out.sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in params)
+
+
 @pytest.mark.parametrize("change, error, name", [
     (lambda a: a.update(input_ids=a["input_ids"].float()), TypeError, "input_ids"),
     (lambda a: a.update(input_ids=a["input_ids"][None]), ValueError, "input_ids"),
@@ -277,3 +286,16 @@ def test_patched_model_matches_transformers_and_keeps_the_autocast_dtype_without
     assert embedded.dtype == dtype
     casts = [r for r in trace.records if r.name == "aten::_to_copy" and r.inputs[0].shape[:2] == ids.shape]
     assert not casts, "an activation is cast: the embeddings' output (or the encoder's cast of it)"
+
+
+def test_opcheck_fake_and_autograd_registration():
+    input_ids, position_ids, token_type_ids = _ids((2, 6), True)
+    params = [t.requires_grad_() for t in _tables(16, torch.float32)]
+    forward = torch.ops.electra_triton.embeddings_layer_norm_forward.default
+    args = (input_ids, position_ids.expand(2, 6), token_type_ids, *params, 1e-5, 0.1, torch.tensor([3, 4]),
+            torch.float16, 0, -1, False)
+    torch.library.opcheck(forward, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    y, mean, rstd, _ = forward(*args)
+    backward = torch.ops.electra_triton.embeddings_layer_norm_backward.default
+    torch.library.opcheck(backward, (torch.randn_like(y), *args[:6], params[3], mean, rstd, 0, -1, 0.1, args[10]),
+                          test_utils=("test_schema", "test_faketensor"))
