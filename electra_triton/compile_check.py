@@ -24,7 +24,7 @@ import tempfile
 from .presets import model_sizes
 
 # Every module of electra_triton.kernels that launches kernels; each defines compile_targets(models, arch).
-KERNEL_MODULES = ("rtd_loss", "mlm_loss", "attention", "gelu_linear", "layer_norm")
+KERNEL_MODULES = ("rtd_loss", "mlm_loss", "attention", "gelu_linear", "layer_norm", "embeddings")
 ARCHES = {"sm_90a": 90, "sm_80": 80}
 H100_SHARED_MEMORY_PER_BLOCK = 227 * 1024
 

@@ -260,6 +260,50 @@ def _rtd_loss_backward(record: OpRecord) -> OpCost:
     return OpCost(flops, flops, read, written, 2)
 
 
+# kernels/_launch.py's persistent grid on an H100 (4 programs per SM, 132 SMs): the backward's column partials.
+_H100_PROGRAMS = 4 * 132
+
+
+def _embedding_gathers(args: dict[str, Any]) -> int:
+    """Bytes of table rows a pass over the embeddings reads: a word row per token from DRAM; the position and
+    token-type tables (1.5 MB and 6 KB for ELECTRA-base) stay in L2, so each of their rows is read once at most."""
+    tokens = _numel(args["input_ids"])
+    word, position, token_type = args["word"], args["position"], args["token_type"]
+    row = word.nbytes // max(1, word.shape[0])
+    return row * (tokens + min(tokens, position.shape[0]) + min(tokens, token_type.shape[0]))
+
+
+def _small_inputs(args: dict[str, Any], names: tuple[str, ...]) -> int:
+    return sum(_nbytes(args[name]) for name in names)
+
+
+def _embeddings_forward(record: OpRecord) -> OpCost:
+    # One kernel: the gathers, LayerNorm and dropout per row; writes the output, fp32 mean and rstd (and the mask).
+    args = record.arguments
+    read = _embedding_gathers(args) + _small_inputs(
+        args, ("input_ids", "position_ids", "token_type_ids", "weight", "bias", "rng"))
+    return OpCost(bytes_read=read, bytes_written=sum(meta.nbytes for meta in record.outputs), kernels=1)
+
+
+def _embeddings_backward(record: OpRecord) -> OpCost:
+    # Zero fills of the word and position tables' fp32 gradients and of the column partials, the row kernel (reads
+    # the output gradient, recomputes the sum from the gathers, scatter-adds each row's gradient into the word table
+    # (a read-modify-write of the row: the table outgrows L2) and the L2-resident position table, writes partials),
+    # the partials' reduction; casts when the tables are 16-bit.
+    args = record.arguments
+    word, position, token_type = args["word"], args["position"], args["token_type"]
+    width, tokens = word.shape[1], _numel(args["input_ids"])
+    fp32_tables = 4 * width * (word.shape[0] + position.shape[0])
+    partials = 4 * width * (2 + token_type.shape[0]) * _H100_PROGRAMS
+    scatter = 4 * width * (tokens + min(tokens, position.shape[0]))
+    read = (_embedding_gathers(args) + scatter + partials
+            + _small_inputs(args, ("grad_y", "input_ids", "position_ids", "token_type_ids", "weight", "mean", "rstd")))
+    written = fp32_tables + scatter + 2 * partials + record.outputs[2].nbytes
+    if _dtype_name(word) == "float32":
+        return OpCost(bytes_read=read, bytes_written=written, kernels=5)
+    return OpCost(bytes_read=read + fp32_tables, bytes_written=written + word.nbytes + position.nbytes, kernels=7)
+
+
 def _unpad_plan_of_mask(record: OpRecord) -> OpCost:
     # ops.unpad_plan as one op for compiled code (integration12): nonzero of the mask (a host sync), row sums, cumsum.
     read, written = _io(record)
@@ -275,6 +319,8 @@ DECLARED: dict[str, Callable[[OpRecord], OpCost]] = {
     "electra_triton::gelu_linear_backward": _gelu_linear_backward,
     "electra_triton::dropout_add_layer_norm_forward": _row_kernels(1),
     "electra_triton::dropout_add_layer_norm_backward": _row_kernels(2),  # rows, then the dW/dB column sums
+    "electra_triton::embeddings_layer_norm_forward": _embeddings_forward,
+    "electra_triton::embeddings_layer_norm_backward": _embeddings_backward,
     "electra_triton::mlm_loss_forward": _mlm_loss_forward,
     "electra_triton::generator_head_forward": _generator_head_forward,
     "electra_triton::unpad_plan_of_mask": _unpad_plan_of_mask,

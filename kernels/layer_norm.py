@@ -45,6 +45,19 @@ def _uniform(draw):
 
 
 @triton.jit
+def philox_keep_mask(rows, dropout_p, seed, offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The dropout keep-mask of a (BLOCK_M, BLOCK_N) tile of rows `rows` and columns 0..BLOCK_N-1 (module docstring:
+    one Philox call per four columns). Shared with kernels/embeddings.py, whose dropout follows the same scheme."""
+    groups = tl.arange(0, BLOCK_N // 4)  # columns 4g..4g+3 share one Philox call
+    # Counters (offset + column group, row) stay 32-bit: a flat offset + row * n_cols needed 64-bit arithmetic,
+    # which cost the backward 8 bytes of stack on sm_90a.
+    zero = tl.zeros((BLOCK_M, BLOCK_N // 4), dtype=tl.int32)
+    r0, r1, r2, r3 = tl.philox(seed, zero + offset + groups[None, :], zero + rows[:, None].to(tl.int32), zero, zero)
+    return tl.reshape(tl.join(tl.join(_uniform(r0) >= dropout_p, _uniform(r1) >= dropout_p),
+                              tl.join(_uniform(r2) >= dropout_p, _uniform(r3) >= dropout_p)), (BLOCK_M, BLOCK_N))
+
+
+@triton.jit
 def _h_and_keep(
     x_ptr, x_bias, res_ptr, rows, cols, tile_ok, n_cols, stride_xm, stride_rm, dropout_p, seed, offset,
     HAS_X_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -57,13 +70,7 @@ def _h_and_keep(
         x += x_bias[None, :]
     keep = tile_ok
     if HAS_DROPOUT:
-        groups = tl.arange(0, BLOCK_N // 4)  # cols is 0..BLOCK_N-1: columns 4g..4g+3 share one Philox call
-        # Counters (offset + column group, row) stay 32-bit: a flat offset + row * n_cols needed 64-bit arithmetic,
-        # which cost the backward 8 bytes of stack on sm_90a.
-        zero = tl.zeros((BLOCK_M, BLOCK_N // 4), dtype=tl.int32)
-        r0, r1, r2, r3 = tl.philox(seed, zero + offset + groups[None, :], zero + rows[:, None].to(tl.int32), zero, zero)
-        keep = tl.reshape(tl.join(tl.join(_uniform(r0) >= dropout_p, _uniform(r1) >= dropout_p),
-                                  tl.join(_uniform(r2) >= dropout_p, _uniform(r3) >= dropout_p)), (BLOCK_M, BLOCK_N))
+        keep = philox_keep_mask(rows, dropout_p, seed, offset, BLOCK_M, BLOCK_N)
         x = tl.where(keep, x / (1.0 - dropout_p), 0.0)
     if HAS_RESIDUAL:
         x += tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)

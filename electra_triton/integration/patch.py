@@ -22,7 +22,8 @@ What each flag fuses:
 - gelu_linear: dense + GELU of `*Intermediate`, ElectraDiscriminatorPredictions, ElectraGeneratorPredictions,
   ElectraClassificationHead, BertPredictionHeadTransform, RobertaLMHead -> electra_triton.ops.gelu_linear.
 - layer_norm: dense -> dropout -> +residual -> LayerNorm of `*SelfOutput` / `*Output`, and the LayerNorms of the
-  prediction heads -> electra_triton.ops.dropout_add_layer_norm.
+  prediction heads -> electra_triton.ops.dropout_add_layer_norm; the embeddings (gathers, sum, LayerNorm, dropout)
+  -> electra_triton.ops.embeddings_layer_norm (see integration/embeddings.py).
 - rtd_loss: ElectraForPreTraining(labels=...) -> electra_triton.ops.rtd_loss (HF's masking rule).
 - mlm_loss: ElectraForMaskedLM(labels=...) -> electra_triton.ops.mlm_loss, the masked positions only. Logits are
   then skipped in train() (`outputs.logits is None`) and returned in eval(); pass `skip_logits=False` / `True` to the

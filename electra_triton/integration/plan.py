@@ -12,6 +12,7 @@ from transformers.models.roberta import modeling_roberta as roberta
 from ..ops.attention import HEAD_DIMS as ATTENTION_HEAD_DIMS
 from . import encoder
 from . import forwards as fused
+from .embeddings import EMBEDDINGS, embeddings_forward
 
 SELF_ATTENTION = (electra.ElectraSelfAttention, bert.BertSelfAttention, roberta.RobertaSelfAttention)
 RESIDUAL_OUTPUT = (
@@ -57,6 +58,7 @@ def _activation(module: nn.Module) -> Any:
 # whose flags are all off (or unsupported) keeps transformers' forward.
 TABLE: list[tuple[tuple[type, ...], Callable, tuple[str, ...]]] = [
     (SELF_ATTENTION, fused.self_attention_forward, ("attention",)),
+    (EMBEDDINGS, embeddings_forward, ("layer_norm",)),
     (RESIDUAL_OUTPUT, fused.residual_output_forward, ("layer_norm",)),
     (INTERMEDIATE, fused.intermediate_forward, ("gelu_linear",)),
     ((electra.ElectraDiscriminatorPredictions,), fused.discriminator_predictions_forward, ("gelu_linear", "rtd_loss")),

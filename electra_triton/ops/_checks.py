@@ -1,5 +1,7 @@
 """Argument checks shared by the ops: each raises TypeError or ValueError naming the argument and what was expected."""
 
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -31,6 +33,23 @@ def check_like(
         raise ValueError(f"{name} is on {tensor.device} but {reference_name} is on {reference.device}")
     if dtype and tensor.dtype != reference.dtype:
         raise TypeError(f"{name} has dtype {tensor.dtype} but {reference_name} has {reference.dtype}")
+
+
+def check_norm_param(name: str, param: object, reference_name: str, reference: torch.Tensor, n_cols: int) -> None:
+    """A LayerNorm weight or bias: (n_cols,), on `reference`'s device, in its dtype or float32 (16-bit activations
+    with fp32 parameters, as under autocast)."""
+    check_like(name, check_float(name, param), reference_name, reference, dtype=False)
+    if param.dtype not in (reference.dtype, torch.float32):
+        raise TypeError(f"{name} must have {reference_name}'s dtype ({reference.dtype}) or float32, got {param.dtype}")
+    check_shape(name, param, (n_cols,))
+
+
+def check_eps(eps: object) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    return float(eps)
 
 
 def check_dropout_p(dropout_p: object) -> float:

@@ -1,13 +1,11 @@
 """dropout_add_layer_norm: LayerNorm(dropout(x + x_bias) + residual) in one pass (kernels/layer_norm.py), its
 reference, a debug entry point returning the dropout mask, and checks."""
 
-import numbers
-
 import torch
 import torch.nn.functional as F
 
 from ..kernels import layer_norm as kernel
-from ._checks import check_dropout_p, check_float, check_like, check_shape
+from ._checks import check_dropout_p, check_eps, check_float, check_like, check_shape
 from ._dispatch import philox_rng_state, use_kernel
 
 
@@ -112,10 +110,7 @@ def _check(
             if param.dtype not in (x.dtype, torch.float32):
                 raise TypeError(f"{name} must have x's dtype ({x.dtype}) or float32, got {param.dtype}")
             check_shape(name, param, (n_cols,))
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    check_eps(eps)
     return check_dropout_p(dropout_p)
 
 
