@@ -54,3 +54,18 @@ def specialized_target(
             raise ValueError(f"{kernel.__name__}: no type or value given for argument {name!r}")
     return CompileTarget(kernel, signature, constants, tuple(aligned), num_warps, num_stages, multiplies_matrices,
                          label)
+
+
+def row_pass_targets(
+    forward: Any, backward: Any, *, pointers: dict[str, str], ints: dict[str, int], scalars: dict[str, str],
+    constexprs: dict[str, Any], store_masks: tuple[bool, ...], label: str, forward_launch: dict[str, Any],
+    backward_launch: dict[str, Any],
+) -> list[CompileTarget]:
+    """The targets of a row-wise forward/backward kernel pair for one set of flags: the forward once per STORE_MASK
+    value (the debug entry point stores the dropout mask), then the backward."""
+    common = {"pointers": pointers, "ints": ints, "scalars": scalars}
+    targets = [specialized_target(forward, constexprs={**constexprs, "STORE_MASK": store_mask},
+                                  label=label + (" mask" if store_mask else ""), **common, **forward_launch)
+               for store_mask in store_masks]
+    targets.append(specialized_target(backward, constexprs=constexprs, label=label, **common, **backward_launch))
+    return targets

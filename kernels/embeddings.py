@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import layer_norm
-from ._compile import CompileTarget, specialized_target
+from ._compile import CompileTarget, row_pass_targets
 from ._launch import programs_per_device
 from .layer_norm import philox_keep_mask
 
@@ -263,14 +263,8 @@ def compile_targets(models: list[dict], arch: str) -> list[CompileTarget]:
                 flags = {"HAS_TYPES": has_types, "HAS_DROPOUT": dropout}
                 what = f"N={n_cols} tables={tables[1:]} out={out[1:]} types={has_types} dropout={dropout}"
                 masks = (False, True) if (tables, out) == production and has_types and dropout else (False,)
-                for store_mask in masks:
-                    targets.append(specialized_target(
-                        _embeddings_ln_fwd_kernel, pointers=pointers, ints=ints, scalars=scalars,
-                        constexprs={**flags, "STORE_MASK": store_mask, **blocks},
-                        label=what + (" mask" if store_mask else ""), **fwd_launch,
-                    ))
-                targets.append(specialized_target(
-                    _embeddings_ln_bwd_kernel, pointers=pointers, ints=ints, scalars=scalars,
-                    constexprs={**flags, **blocks}, label=what, **bwd_launch,
-                ))
+                targets += row_pass_targets(
+                    _embeddings_ln_fwd_kernel, _embeddings_ln_bwd_kernel, pointers=pointers, ints=ints, scalars=scalars,
+                    constexprs={**flags, **blocks}, store_masks=masks, label=what,
+                    forward_launch=fwd_launch, backward_launch=bwd_launch)
     return targets

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._compile import TRITON_POINTER_TYPES, CompileTarget, specialized_target
+from ._compile import TRITON_POINTER_TYPES, CompileTarget, row_pass_targets
 from ._launch import programs_per_device
 
 MAX_HIDDEN = 16384
@@ -282,14 +282,9 @@ def compile_targets(models: list[dict], arch: str) -> list[CompileTarget]:
                          "HAS_BIAS": True}
                 what = f"N={n_cols} {pointer[1:]}{params} residual={residual} dropout={dropout}"
                 what += " x_bias" if x_bias else ""
-                for store_mask in (False, True) if dropout and not x_bias else (False,):
-                    targets.append(specialized_target(
-                        _dropout_add_ln_fwd_kernel, pointers=pointers, ints=ints, scalars=scalars,
-                        constexprs={**flags, "STORE_MASK": store_mask, **blocks},
-                        label=what + (" mask" if store_mask else ""), **fwd_launch,
-                    ))
-                targets.append(specialized_target(
-                    _dropout_add_ln_bwd_kernel, pointers=pointers, ints=ints, scalars=scalars,
-                    constexprs={**flags, **blocks}, label=what, **bwd_launch,
-                ))
+                store_masks = (False, True) if dropout and not x_bias else (False,)
+                targets += row_pass_targets(
+                    _dropout_add_ln_fwd_kernel, _dropout_add_ln_bwd_kernel, pointers=pointers, ints=ints,
+                    scalars=scalars, constexprs={**flags, **blocks}, store_masks=store_masks, label=what,
+                    forward_launch=fwd_launch, backward_launch=bwd_launch)
     return targets
