@@ -141,6 +141,11 @@ def _key_padding_mask(attention_mask: Any, batch: int, seqlen: int) -> torch.Ten
     return real.expand(batch, seqlen)
 
 
+def _has_query_rows(attention_mask: Any) -> bool:
+    """A 4D mask with a row per query (user-built): not a key-padding mask, which the kernels take."""
+    return attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] > 1
+
+
 def _qkv_parameters(self) -> list[list[torch.Tensor | None]]:
     """The groups (`_packed`) of one (3 * hidden, hidden) q/k/v weight and its bias (parameters unchanged)."""
     return [[self.query.weight, self.key.weight, self.value.weight], [self.query.bias, self.key.bias, self.value.bias]]
@@ -188,7 +193,7 @@ def self_attention_forward(
     # (it never forms them), or a 4D mask with a row per query (user-built: not a key-padding mask). transformers'
     # own encoder forward runs then, so the layout is padded and the mask is transformers'.
     maps = attention_maps_requested(self, kwargs)
-    general_mask = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] > 1
+    general_mask = _has_query_rows(attention_mask)
     if unpad_plan is None and (maps or general_mask):
         heads, head_dim = self.num_attention_heads, self.attention_head_size
         batch, seqlen = hidden_states.shape[:2]
@@ -218,10 +223,10 @@ def layer_forward(
     (`chunk_size_feed_forward`, transformers' memory saver: the same values) runs in one piece: transformers' chunks
     along dim 1, which is the hidden dim of the unpadded (tokens, hidden) layout.
     """
-    general_mask = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] > 1
     attention = self.attention.self
     # (transformers' own encoder passes encoder_hidden_states positionally, None for an encoder)
-    if (any(arg is not None for arg in args) or general_mask or attention_maps_requested(attention, kwargs)
+    if (any(arg is not None for arg in args) or _has_query_rows(attention_mask)
+            or attention_maps_requested(attention, kwargs)
             or any(kwargs.get(name) is not None for name in _STOCK_LAYER_KEYWORDS)):
         if unpad_plan is not None:
             kwargs[PLAN_KEYWORD] = unpad_plan

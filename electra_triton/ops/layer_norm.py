@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import layer_norm as kernel
-from ._checks import check_dropout_p, check_eps, check_float, check_like, check_shape
+from ._checks import check_dropout_p, check_eps, check_float, check_like, check_norm_param, check_shape
 from ._dispatch import philox_rng_state, use_kernel
 
 
@@ -106,10 +106,7 @@ def _check(
         check_shape("residual", residual, x.shape)
     for name, param in (("x_bias", x_bias), ("weight", weight), ("bias", bias)):
         if param is not None:
-            check_like(name, check_float(name, param), "x", x, dtype=False)
-            if param.dtype not in (x.dtype, torch.float32):
-                raise TypeError(f"{name} must have x's dtype ({x.dtype}) or float32, got {param.dtype}")
-            check_shape(name, param, (n_cols,))
+            check_norm_param(name, param, "x", x, n_cols)
     check_eps(eps)
     return check_dropout_p(dropout_p)
 
